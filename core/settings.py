@@ -1,0 +1,23 @@
+"""Settings schemas: every plugin declares a nested ``Settings`` model of this base."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Settings(BaseModel):
+    """Base of every settings schema: unknown keys are errors, values are checked strictly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin:
+    """Mixin for plugin classes: a registry name and a settings schema.
+
+    Each plugin class sets ``Settings`` to a subclass of :class:`Settings` (with defaults for
+    everything that has a sensible default) and is constructed as ``cls(settings, **context)``,
+    where the context keyword arguments are fixed per slot (see each slot's ``base.py``).
+    """
+
+    Settings: type[Settings] = Settings
+

@@ -1,0 +1,47 @@
+"""vsd's built-in plugins, registered through the same hooks as third-party ones."""
+
+from __future__ import annotations
+
+from ..core.hookspecs import hookimpl
+
+
+@hookimpl
+def vsd_encoders():
+    from .encoders.conv import ConvEncoder
+
+    return {"conv": ConvEncoder}
+
+
+@hookimpl
+def vsd_aggregators():
+    from .aggregators.attention import AttentionAggregator
+    from .aggregators.pooling import MaxAggregator, MeanAggregator
+    from .aggregators.weighted import WeightedMeanAggregator
+
+    return {
+        "attention": AttentionAggregator,
+        "mean": MeanAggregator,
+        "max": MaxAggregator,
+        "weighted-mean": WeightedMeanAggregator,
+    }
+
+
+@hookimpl
+def vsd_representations():
+    from ..representations.voxel_grid import VoxelGrid
+
+    return {"voxel-grid": VoxelGrid}
+
+
+@hookimpl
+def vsd_renderers():
+    from ..renderers.volume import VolumeRenderer
+
+    return {"volume": VolumeRenderer}
+
+
+@hookimpl
+def vsd_datasets():
+    from .datasets.minens import MinensDataset
+
+    return {"minens": MinensDataset}

@@ -1,0 +1,49 @@
+"""Dataset slot: posed multi-view images of objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from ...core.settings import Plugin
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What the engine needs to know about a dataset's scenes.
+
+    bound: objects lie inside ``[-bound, bound]^3`` (the denoiser's volume spans this cube).
+    camera_radius / fov_deg / up_axis: where novel-view cameras (turntables) are placed.
+    near / far: ray range for volume rendering.
+    background: "white", "black" or "random" (a random colour per viewset in training).
+    """
+
+    bound: float
+    camera_radius: float
+    fov_deg: float
+    near: float
+    far: float
+    up_axis: str = "y"
+    background: str = "white"
+
+
+class ViewsetDataset(Plugin, Dataset):
+    """A dataset of viewsets.
+
+    Constructed as ``cls(settings, split=...)`` with split one of "train", "val", "test".
+    ``settings`` always has ``image_size`` (int, pixels) and ``views`` (int, V per item).
+
+    ``__getitem__(i)`` returns a dict:
+        images: (V, 3, H, W) float in [-1, 1]
+        c2w: (V, 4, 4) camera-to-world, OpenCV convention
+        K: (V, 4) fx, fy, cx, cy in pixels
+        masks: (V, 1, H, W) in [0, 1] (optional)
+    ``info`` is a :class:`SceneInfo`.
+    """
+
+    info: SceneInfo
+
+    def __init__(self, settings, *, split: str = "train"):
+        self.settings = settings
+        self.split = split
