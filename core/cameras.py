@@ -60,7 +60,7 @@ class Cameras:
         target = torch.zeros_like(eye) if target is None else target.to(eye).expand_as(eye)
         up_t = torch.tensor(up, dtype=eye.dtype, device=eye.device).expand_as(eye)
         z = torch.nn.functional.normalize(target - eye, dim=-1)  # forward
-        x = torch.nn.functional.normalize(torch.cross(z, -up_t, dim=-1), dim=-1)  # right
+        x = torch.nn.functional.normalize(torch.cross(z, up_t, dim=-1), dim=-1)  # right
         # Looking straight along `up`: pick any perpendicular right vector.
         bad = x.norm(dim=-1, keepdim=True) < 1e-6
         if bad.any():
@@ -146,10 +146,8 @@ class Cameras:
             indexing="ij",
         )
         K = self.K[..., None, None, :]  # (..., 1, 1, 4)
-        d_cam = torch.stack(
-            [(u - K[..., 2]) / K[..., 0], (v - K[..., 3]) / K[..., 1], torch.ones_like(u).expand_as(K[..., 0])],
-            dim=-1,
-        )  # (..., H, W, 3)
+        x, y = (u - K[..., 2]) / K[..., 0], (v - K[..., 3]) / K[..., 1]  # (..., H, W) each
+        d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # (..., H, W, 3)
         R = self.c2w[..., None, None, :3, :3]
         d = torch.nn.functional.normalize((R @ d_cam[..., None])[..., 0], dim=-1)
         o = self.origins[..., None, None, :].expand_as(d)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..core.settings import Plugin
@@ -21,12 +22,30 @@ class Field:
     ``query(points)``: points (B, N, 3) world coordinates -> ``(sigma, rgb)`` with
     sigma: (B, N) >= 0 volume density and rgb: (B, N, 3) in [0, 1]. Points outside the cube
     have zero density.
+
+    ``density_grid(resolution)`` (used for mesh export) needs ``batch_size`` (B) and ``device``;
+    subclasses set them or override ``density_grid``.
     """
 
     bound: float
+    batch_size: int
+    device: torch.device
 
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def density_grid(self, resolution: int, chunk_points: int = 1 << 18) -> Tensor:
+        """(B, R, R, R) densities at the centres of an R^3 grid over the cube.
+
+        Indexed ``[b, k, j, i]`` = the point ``(x_i, y_j, z_k)`` with
+        ``x_i = bound * ((2 i + 1) / R - 1)``: the feature-volume convention.
+        """
+        R = resolution
+        c = self.bound * ((2 * torch.arange(R, device=self.device) + 1) / R - 1)
+        z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+        points = torch.stack([x, y, z], -1).reshape(1, -1, 3).expand(self.batch_size, -1, -1)
+        sigma = torch.cat([self.query(p)[0] for p in points.split(chunk_points, dim=1)], dim=1)
+        return sigma.reshape(self.batch_size, R, R, R)
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""The ``vsd-run`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import VsdError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="vsd: Viewset Diffusion, a 3D generative engine trained from posed 2D images.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def plugins() -> None:
+    """List every plugin: slot, name, providing distribution and version, and load failures."""
+    from .registry import get_registry
+
+    reg = get_registry()
+    table = Table(title="vsd plugins")
+    for col in ("slot", "name", "class", "provider", "version", "status"):
+        table.add_column(col)
+    for info in reg.all():
+        table.add_row(info.slot, info.name, f"{info.cls.__module__}.{info.cls.__qualname__}", info.provider, info.version, "ok")
+    for (slot, name), infos in reg.duplicates.items():
+        for info in infos:
+            table.add_row(slot, name, f"{info.cls.__module__}.{info.cls.__qualname__}", info.provider, info.version, "[red]duplicate name")
+    for f in reg.failures:
+        table.add_row("-", f.entry_point, "-", f.provider, f.version, f"[red]failed: {f.error}")
+    out.print(table)
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes shipped with vsd (usable by bare name)."""
+    from .recipe import SHIPPED_RECIPES, shipped_recipes
+
+    for name in shipped_recipes():
+        first = (SHIPPED_RECIPES / name).read_text().splitlines()[0]
+        desc = first.lstrip("# ").strip() if first.startswith("#") else ""
+        out.print(f"{name:32s} {desc}")
+
+
+@app.command()
+def recipe(
+    file: str = typer.Argument(..., help="recipe file, or the name of a shipped recipe"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key.path=value overrides, e.g. train.steps=100"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the fully resolved recipe and exit"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<recipe name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+) -> None:
+    """Train a model from a recipe (validated first), writing checkpoints, sample grids and a turntable."""
+    from .recipe import load_recipe
+
+    r = load_recipe(file, overrides or [])
+    if dry_run:
+        out.print(r.dump(), end="", markup=False, highlight=False)
+        return
+    from .training import Trainer
+
+    run_dir = out_dir or Path("runs") / r.name
+    trainer = Trainer(r, run_dir, resume=resume, quiet=quiet)
+    if not quiet:
+        err.print(f"training [bold]{r.name}[/] for {r.train.steps} steps into {run_dir} (from step {trainer.step})")
+    result = trainer.run()
+    out.print(f"done: step {result['step']}, last loss {result['last'].get('loss', float('nan')):.4f}")
+    out.print(f"checkpoint: {result['checkpoint']}")
+    for kind, path in result["files"].items():
+        out.print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}")
+
+
+@app.command()
+def sample(
+    checkpoint: Path = typer.Argument(..., help="checkpoint file or run directory"),
+    input: Optional[Path] = typer.Option(None, "--input", help="condition on this image (seen from the front)"),
+    num_samples: int = typer.Option(4, "--num-samples", min=1, help="samples to draw"),
+    views: Optional[int] = typer.Option(None, "--views", min=1, help="views per sampled viewset"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="sampler steps (default: the recipe's)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance weight w (-1: ignore the input)"),
+    out_dir: Path = typer.Option(Path("samples"), "--out", help="output folder"),
+) -> None:
+    """Draw samples (unconditional, or conditioned on --input) and write PNG grids and turntables."""
+    from .sampling import load_model, sample_to_files
+
+    model = load_model(checkpoint)
+    files = sample_to_files(model, out_dir, input_image=input, num_samples=num_samples, views=views, seed=seed, steps=steps, guidance=guidance)
+    for kind, path in files.items():
+        out.print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except VsdError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted; the last checkpoint is kept")
+        return 130
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

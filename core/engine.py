@@ -1,0 +1,205 @@
+"""The viewset diffusion model: denoiser -> representation -> renderer, trained and sampled.
+
+The network never predicts pixels directly: it lifts the (partly noisy) views into a 3D
+representation and renders that back at the viewset's cameras. Those renders are the
+x0-prediction of the diffusion model, so every sample is 3D-consistent by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..plugins.datasets.base import SceneInfo
+from .cameras import Cameras
+from .denoiser import Denoiser
+from .recipe import Recipe
+from .schedule import NoiseSchedule, guided_x0, make_scheduler
+from .viewset import Viewset
+
+
+@dataclass
+class Prediction:
+    """One denoiser pass: x0 renders (B, V, 3, H, W) in [-1, 1], the full render output, the scene."""
+
+    x0: Tensor
+    render: dict
+    scene: object
+
+
+class ViewsetDiffusion(nn.Module):
+    """Denoiser + representation + renderer, with the diffusion schedule of a recipe."""
+
+    def __init__(self, recipe: Recipe, info: SceneInfo):
+        super().__init__()
+        self.recipe, self.info = recipe, info
+        self.denoiser = Denoiser(
+            recipe.model,
+            make_encoder=lambda c, t: recipe.encoder.build(in_channels=c, time_dim=t),
+            make_aggregator=lambda c, r: recipe.aggregator.build(channels=c, resolution=r),
+            bound=info.bound,
+        )
+        self.representation = recipe.representation.build(
+            in_channels=recipe.model.out_channels, resolution=recipe.model.volume_size, bound=info.bound
+        )
+        self.renderer = recipe.renderer.build()
+        d = recipe.diffusion
+        self.schedule = NoiseSchedule(kind=d.schedule, num_train_timesteps=d.timesteps)
+
+    @property
+    def T(self) -> int:
+        return self.recipe.diffusion.timesteps
+
+    def background(self, batch: int, device, generator: torch.Generator | None = None) -> Tensor:
+        """(B, 3) background colours: the dataset's, random per viewset when it says "random"
+        and the model is training."""
+        kind = self.info.background
+        if kind == "random" and self.training:
+            return torch.rand(batch, 3, generator=generator, device="cpu").to(device)
+        value = 0.0 if kind == "black" else 1.0
+        return torch.full((batch, 3), value, device=device)
+
+    # ---- one denoiser pass -----------------------------------------------------------------
+    def predict(
+        self,
+        images: Tensor,
+        cameras: Cameras,
+        timesteps: Tensor,
+        self_cond: Tensor | None,
+        render_cameras: Cameras | None = None,
+        background: Tensor | None = None,
+    ) -> Prediction:
+        """images (B, V, 3, H, W) in [-1, 1] at ``timesteps`` (B, V); renders at ``render_cameras``
+        (B, V', default the input cameras) -> Prediction with x0 (B, V', 3, H, W) in [-1, 1]."""
+        volume = self.denoiser(images, cameras, timesteps, self_cond)
+        scene = self.representation(volume)
+        bg = self.background(images.shape[0], images.device) if background is None else background
+        out = self.renderer(scene, cameras if render_cameras is None else render_cameras, bg)
+        return Prediction(out["rgb"] * 2 - 1, out, scene)
+
+    def render(self, scene, cameras: Cameras, background: Tensor | None = None) -> dict:
+        bg = self.background(cameras.shape[0], cameras.device) if background is None else background
+        return self.renderer(scene, cameras, bg)
+
+    # ---- training ------------------------------------------------------------------------------
+    def training_loss(self, batch: Viewset, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        """The loss on one batch of viewsets (B, V + heldout views).
+
+        The first ``V`` views form the denoiser's input: a random number of them (train.cond_probs)
+        are clean at t=0, the rest share one noise level t per viewset. The renders of all views,
+        the held-out ones included, are compared with the clean images.
+        """
+        tr, diff = self.recipe.train, self.recipe.diffusion
+        dev = batch.images.device
+        B, Vt = batch.images.shape[:2]
+        V = Vt - tr.heldout_views
+        cpu = dict(generator=generator, device="cpu")
+        bg = self.background(B, dev, generator)
+        target = self._composite(batch, bg)
+        x0 = target[:, :V]
+
+        probs = torch.tensor(tr.cond_probs, dtype=torch.float)
+        k = torch.multinomial(probs.expand(B, -1), 1, generator=generator)[:, 0].to(dev)  # (B,)
+        if tr.deterministic:
+            k = k.clamp(min=1)
+        clean = torch.arange(V, device=dev)[None] < k[:, None]  # (B, V)
+        if tr.deterministic:
+            t = torch.full((B,), self.T - 1, device=dev)
+            x_t = torch.zeros_like(x0)
+        else:
+            t = torch.randint(1, self.T, (B,), **cpu).to(dev)
+            noise = torch.randn(x0.shape, **cpu).to(dev)
+            x_t = self.schedule.add_noise(x0, noise, t[:, None].expand(B, V))
+        timesteps = torch.where(clean, 0, t[:, None])
+        x_in = torch.where(clean[..., None, None, None], x0, x_t)
+
+        self_cond = None
+        if not tr.deterministic and torch.rand((), **cpu) < diff.self_condition_prob:
+            with torch.no_grad():
+                self_cond = self.predict(x_in, batch.cameras[:, :V], timesteps, None, background=bg).x0.detach()
+
+        pred = self.predict(x_in, batch.cameras[:, :V], timesteps, self_cond, batch.cameras, bg)
+        per_view = ((pred.x0 - target) ** 2).mean(dim=(2, 3, 4))  # (B, Vt)
+        view_w = torch.ones(Vt, device=dev)
+        view_w[V:] = tr.heldout_weight
+        if diff.min_snr_gamma is not None and not tr.deterministic:
+            # normalised so that weights lie in (0, 1]
+            snr_w = self.schedule.min_snr_weight(t, diff.min_snr_gamma) / diff.min_snr_gamma
+        else:
+            snr_w = torch.ones(B, device=dev)
+        loss = (per_view * view_w[None] * snr_w[:, None]).sum() / (B * view_w.sum())
+        stats = {
+            "loss": loss.detach(),
+            "mse": per_view[:, :V].mean().detach(),
+            "mse_heldout": per_view[:, V:].mean().detach() if Vt > V else torch.zeros((), device=dev),
+        }
+        return loss, stats
+
+    @staticmethod
+    def _composite(batch: Viewset, bg: Tensor) -> Tensor:
+        """Images over the given background (where masks are known), in [-1, 1]."""
+        if batch.masks is None:
+            return batch.images
+        rgb01 = (batch.images + 1) / 2
+        m = batch.masks
+        # images come composited over white; undo that, then composite over bg
+        fg = rgb01 - (1 - m)  # premultiplied foreground
+        out = fg + (1 - m) * bg[:, None, :, None, None]
+        return (out * 2 - 1).clamp(-1, 1)
+
+    # ---- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        cameras: Cameras,
+        cond_images: Tensor | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        generator: torch.Generator | None = None,
+        progress=None,
+    ) -> Prediction:
+        """Draw viewsets at ``cameras`` (B, V); the first k views are clean when
+        ``cond_images`` (B, k, 3, H, W) in [-1, 1] is given (k = 0..V-1).
+
+        Returns the final Prediction (x0 renders at all V cameras and the 3D scene).
+        """
+        d = self.recipe.diffusion
+        B, V = cameras.shape
+        H, W = cameras.height, cameras.width
+        dev = cameras.device
+        k = 0 if cond_images is None else cond_images.shape[1]
+        if k >= V:
+            raise ValueError(f"{k} conditioning views leave no view to sample among {V}")
+        clean = (torch.arange(V, device=dev) < k)[None].expand(B, V)
+        cond = torch.zeros(B, V, 3, H, W, device=dev)
+        if k:
+            cond[:, :k] = cond_images
+        bg = self.background(B, dev)
+
+        if self.recipe.train.deterministic:
+            ts = torch.where(clean, 0, self.T - 1)
+            return self.predict(cond, cameras, ts, None, background=bg)
+
+        w = d.guidance if guidance is None else guidance
+        scheduler = make_scheduler(d, self.schedule)
+        scheduler.set_timesteps(steps or d.sampling_steps)
+        x = torch.randn(B, V, 3, H, W, generator=generator, device="cpu").to(dev)
+        self_cond, pred = None, None
+        for i, t in enumerate(scheduler.timesteps.tolist()):
+            ts = torch.where(clean, 0, t)
+            x_in = torch.where(clean[..., None, None, None], cond, x)
+            pred = self.predict(x_in, cameras, ts, self_cond, background=bg)
+            x0 = pred.x0.clamp(-1, 1) if d.clip_x0 else pred.x0
+            if k and w != 0:
+                x0u = self.predict(x_in[:, k:], cameras[:, k:], ts[:, k:], None if self_cond is None else self_cond[:, k:], background=bg).x0
+                x0[:, k:] = guided_x0(x[:, k:], t, x0[:, k:], x0u, w)
+            x = scheduler.step(x0, t, x, prediction_type="sample", eta=d.eta, clip_sample=d.clip_x0, generator=generator).prev_sample
+            self_cond = x0
+            if progress is not None:
+                progress(i + 1, len(scheduler.timesteps))
+        # DDIM/DDPM end on the last x0-prediction, so the final pass's scene is the sample's 3D
+        # object and its renders are the sampled views
+        return pred

@@ -1,0 +1,315 @@
+"""YAML recipes: which plugin fills each slot, with its settings, plus the engine's settings.
+
+A recipe is a YAML mapping. Plugin slots (``data``, ``encoder``, ``aggregator``,
+``representation``, ``renderer``) are a ``type`` (a registry name) beside that plugin's settings.
+Engine sections (``model``, ``diffusion``, ``train``, ``sample``) are settings only. A recipe may
+``extends:`` another (a path relative to it, or the name of a shipped recipe); command-line
+overrides ``a.b.c=value`` (value parsed as YAML) apply last. Everything is validated against the
+plugins' settings schemas before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .errors import PluginError, RecipeError
+from .registry import Registry, get_registry
+from .settings import Settings
+
+# recipe key -> registry slot
+SLOT_KEYS = {
+    "data": "dataset",
+    "encoder": "encoder",
+    "aggregator": "aggregator",
+    "representation": "representation",
+    "renderer": "renderer",
+}
+
+SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
+
+
+class TrainSettings(Settings):
+    steps: int = Field(1000, ge=0, description="number of optimiser steps")
+    batch_size: int = Field(4, ge=1, description="viewsets per step, per process")
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate")
+    warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: off)")
+    ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA of the weights used for sampling")
+    heldout_views: int = Field(
+        1, ge=0, description="views of each item kept out of the denoiser's input and only rendered for the loss"
+    )
+    heldout_weight: float = Field(0.1, ge=0, description="loss weight of the held-out views")
+    cond_probs: list[float] = Field(
+        [0.2, 0.5, 0.3],
+        description="probability of 0, 1, 2, ... clean conditioning views in a training viewset",
+    )
+    deterministic: bool = Field(
+        False,
+        description="train without noise (the 'w/o diffusion' baseline): conditioning views clean, the others replaced by zeros at the last timestep",
+    )
+    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+    log_every: int = Field(10, ge=1, description="steps between progress/log lines")
+    sample_every: int = Field(250, ge=1, description="steps between sample grids")
+    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
+
+
+class SampleSettings(Settings):
+    num_samples: int = Field(4, ge=1, description="samples drawn per input")
+    cond_views: int = Field(1, ge=0, description="clean conditioning views when sampling from the dataset")
+    turntable_frames: int = Field(24, ge=2, description="frames in a turntable")
+    turntable_elevation: float = Field(20.0, description="camera elevation of turntables, degrees")
+    render_size: int | None = Field(None, ge=8, description="pixel size of turntable frames (null: the data's)")
+
+
+ENGINE_SECTIONS = ("model", "diffusion", "train", "sample")
+TOP_LEVEL = {"extends", "name", "seed", "device", *SLOT_KEYS, *ENGINE_SECTIONS}
+
+
+class TopSettings(Settings):
+    name: str | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] | str = "auto"
+
+
+def _engine_schemas() -> dict[str, type[Settings]]:
+    from .denoiser import ModelSettings
+    from .schedule import DiffusionSettings
+
+    return {"model": ModelSettings, "diffusion": DiffusionSettings, "train": TrainSettings, "sample": SampleSettings}
+
+
+@dataclass
+class PluginSpec:
+    """A slot filled by a plugin: its registry name, class and validated settings."""
+
+    type: str
+    cls: type
+    settings: Settings
+    provider: str
+
+    def build(self, **context):
+        return self.cls(self.settings, **context)
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. ``raw`` is the fully resolved mapping (extends and overrides applied)."""
+
+    source: str
+    raw: dict
+    name: str
+    seed: int
+    device: str
+    data: PluginSpec
+    encoder: PluginSpec
+    aggregator: PluginSpec
+    representation: PluginSpec
+    renderer: PluginSpec
+    model: Settings
+    diffusion: Settings
+    train: TrainSettings
+    sample: SampleSettings
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+# ---- loading -------------------------------------------------------------------------------
+def find_recipe(ref: str | Path) -> Path:
+    """A recipe file: ``ref`` as a path, else a recipe shipped with vsd of that name."""
+    p = Path(ref)
+    if p.is_file():
+        return p
+    for cand in (SHIPPED_RECIPES / p.name, SHIPPED_RECIPES / f"{p.name}.yaml"):
+        if cand.is_file():
+            return cand
+    shipped = ", ".join(shipped_recipes()) or "none"
+    raise RecipeError(str(ref), None, f"no such file, and no shipped recipe of that name (shipped: {shipped})")
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.name for p in SHIPPED_RECIPES.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(str(path), None, f"malformed YAML{where}: {problem}") from None
+    except OSError as exc:
+        raise RecipeError(str(path), None, f"cannot be read: {exc.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), None, f"expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` onto ``base``; nested mappings merge, a changed plugin ``type`` drops the old settings."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            if "type" in v and v["type"] != out[k].get("type"):
+                out[k] = copy.deepcopy(v)
+            else:
+                out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe at ``path`` with its ``extends`` chain merged in."""
+    path = path.resolve()
+    if path in _seen:
+        raise RecipeError(str(path), "extends", "recipes extend each other in a cycle: " + " -> ".join(map(str, _seen + (path,))))
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(str(path), "extends", f"expected a recipe path or name, got {parent!r}")
+    cand = path.parent / parent
+    base_path = cand if cand.is_file() else find_recipe(parent)
+    return deep_merge(resolve(base_path, _seen + (path,)), data)
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML)."""
+    out = copy.deepcopy(data)
+    for ov in overrides:
+        key, sep, text = ov.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(source, ov, "expected an override of the form key.path=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(source, ".".join(parts[: i + 1]), f"is {nxt!r}, not a section, so `{key}` cannot be set")
+            node = nxt
+        if parts[-1] == "type" and node.get("type") != value and len(parts) == 2:
+            node.clear()  # switching plugin: the old plugin's settings do not apply
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | None = None, registry: Registry | None = None) -> Recipe:
+    """Find, resolve, override and validate a recipe."""
+    path = find_recipe(ref)
+    raw = apply_overrides(resolve(path), overrides or [], str(path))
+    return validate(raw, str(path), registry or get_registry())
+
+
+def load_recipe_dict(raw: dict, source: str = "<recipe>", registry: Registry | None = None) -> Recipe:
+    return validate(copy.deepcopy(raw), source, registry or get_registry())
+
+
+# ---- validation ----------------------------------------------------------------------------
+def _fmt_validation(source: str, section: str, exc: ValidationError, schema: type[Settings]) -> RecipeError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    key = f"{section}.{loc}" if loc else section
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = ", ".join(schema.model_fields) or "none"
+        msg = f"unknown key `{loc}`; expected one of: {known}"
+    elif kind == "missing":
+        msg = f"missing required value ({_describe(schema, loc)})"
+    else:
+        msg = f"{err['msg'].rstrip('.')}; got {err.get('input')!r}"
+        desc = _describe(schema, loc)
+        if desc:
+            msg += f" ({desc})"
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" — and {more} more problem{'s' if more > 1 else ''} in `{section}`"
+    return RecipeError(source, key, msg)
+
+
+def _describe(schema: type[Settings], loc: str) -> str:
+    f = schema.model_fields.get(loc.split(".")[0])
+    return (f.description or "") if f else ""
+
+
+def _settings(schema: type[Settings], values: dict, source: str, section: str) -> Settings:
+    try:
+        return schema.model_validate(values)
+    except ValidationError as exc:
+        raise _fmt_validation(source, section, exc, schema) from None
+
+
+def _plugin(raw: dict, key: str, source: str, registry: Registry) -> PluginSpec:
+    block = raw.get(key)
+    if block is None:
+        raise RecipeError(source, key, f"missing section; expected `{key}: {{type: <name>, ...settings}}` with a {SLOT_KEYS[key]} from: {registry.available(SLOT_KEYS[key])}")
+    if not isinstance(block, dict):
+        raise RecipeError(source, key, f"expected a mapping with a `type`, got {block!r}")
+    name = block.get("type")
+    if not isinstance(name, str):
+        raise RecipeError(source, f"{key}.type", f"missing or not a name (got {name!r}); available: {registry.available(SLOT_KEYS[key])}")
+    try:
+        info = registry.get(SLOT_KEYS[key], name)
+    except PluginError as exc:
+        raise RecipeError(source, f"{key}.type", str(exc)) from None
+    settings = _settings(info.cls.Settings, {k: v for k, v in block.items() if k != "type"}, source, key)
+    return PluginSpec(name, info.cls, settings, info.provider)
+
+
+def validate(raw: dict, source: str, registry: Registry) -> Recipe:
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise RecipeError(source, str(key), f"unknown section; expected one of: {', '.join(sorted(TOP_LEVEL - {'extends'}))}")
+    top = _settings(TopSettings, {k: raw[k] for k in ("name", "seed", "device") if k in raw}, source, "<top level>")
+    plugins = {key: _plugin(raw, key, source, registry) for key in SLOT_KEYS}
+    engine = {}
+    for sec, schema in _engine_schemas().items():
+        block = raw.get(sec) or {}
+        if not isinstance(block, dict):
+            raise RecipeError(source, sec, f"expected a mapping of settings, got {block!r}")
+        engine[sec] = _settings(schema, block, source, sec)
+    rep, ren = plugins["representation"], plugins["renderer"]
+    if rep.cls.kind not in ren.cls.accepts:
+        fits = [n for n, i in registry.plugins["renderer"].items() if rep.cls.kind in i.cls.accepts]
+        raise RecipeError(
+            source,
+            "renderer.type",
+            f"renderer {ren.type!r} draws {', '.join(ren.cls.accepts)} representations, but representation "
+            f"{rep.type!r} is a {rep.cls.kind}; use one of: {', '.join(sorted(fits)) or 'none installed'}",
+        )
+    _check_cross(raw, source, plugins, engine)
+    name = top.name or Path(source).stem
+    return Recipe(source, raw, name, top.seed, top.device, **plugins, **engine)
+
+
+def _check_cross(raw: dict, source: str, plugins: dict, engine: dict) -> None:
+    train: TrainSettings = engine["train"]
+    views = getattr(plugins["data"].settings, "views", None)
+    if views is not None and views - train.heldout_views < 1:
+        raise RecipeError(source, "data.views", f"must exceed train.heldout_views ({train.heldout_views}) so the denoiser sees at least one view; got {views}")
+    if views is not None and len(train.cond_probs) > views - train.heldout_views:
+        raise RecipeError(
+            source,
+            "train.cond_probs",
+            f"gives probabilities for up to {len(train.cond_probs) - 1} clean views, but viewsets have only "
+            f"{views - train.heldout_views} views (data.views - train.heldout_views) and at least one must be noisy",
+        )
+    if abs(sum(train.cond_probs) - 1) > 1e-6 or min(train.cond_probs, default=0) < 0:
+        raise RecipeError(source, "train.cond_probs", f"expected non-negative probabilities summing to 1, got {train.cond_probs}")
