@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import VsdError
@@ -23,21 +24,29 @@ err = Console(stderr=True)
 
 
 @app.command()
-def plugins() -> None:
+def plugins(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show each plugin's class"),
+) -> None:
     """List every plugin: slot, name, providing distribution and version, and load failures."""
     from .registry import get_registry
 
     reg = get_registry()
     table = Table(title="vsd plugins")
-    for col in ("slot", "name", "class", "provider", "version", "status"):
-        table.add_column(col)
+    cols = ["slot", "name", "provider", "version", "status"] + (["class"] if verbose else [])
+    for col in cols:
+        table.add_column(col, overflow="fold")
+
+    def row(info, status):
+        cls = [f"{info.cls.__module__}.{info.cls.__qualname__}"] if verbose else []
+        table.add_row(info.slot, info.name, info.provider, info.version, status, *cls)
+
     for info in reg.all():
-        table.add_row(info.slot, info.name, f"{info.cls.__module__}.{info.cls.__qualname__}", info.provider, info.version, "ok")
-    for (slot, name), infos in reg.duplicates.items():
+        row(info, "ok")
+    for infos in reg.duplicates.values():
         for info in infos:
-            table.add_row(slot, name, f"{info.cls.__module__}.{info.cls.__qualname__}", info.provider, info.version, "[red]duplicate name")
+            row(info, "[red]duplicate name")
     for f in reg.failures:
-        table.add_row("-", f.entry_point, "-", f.provider, f.version, f"[red]failed: {f.error}")
+        table.add_row("-", f.entry_point, f.provider, f.version, f"[red]failed: {escape(f.error)}", *([""] if verbose else []))
     out.print(table)
 
 
@@ -49,7 +58,7 @@ def recipes() -> None:
     for name in shipped_recipes():
         first = (SHIPPED_RECIPES / name).read_text().splitlines()[0]
         desc = first.lstrip("# ").strip() if first.startswith("#") else ""
-        out.print(f"{name:32s} {desc}")
+        out.print(f"{name:32s} {desc}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -66,7 +75,7 @@ def recipe(
 
     r = load_recipe(file, overrides or [])
     if dry_run:
-        out.print(r.dump(), end="", markup=False, highlight=False)
+        out.print(r.dump(), end="", markup=False, highlight=False, soft_wrap=True)
         return
     from .training import Trainer
 
@@ -105,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except VsdError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages quote user input (paths, values) that may contain [brackets]
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; the last checkpoint is kept")

@@ -52,17 +52,23 @@ class ModelSettings(Settings):
             )
         bad = [lv for lv in self.attention_levels if not 0 <= lv < levels]
         if bad:
-            raise ValueError(f"attention_levels {bad} out of range 0..{levels - 1} for channel_mult={self.channel_mult}")
+            raise ValueError(
+                f"attention_levels {bad} out of range 0..{levels - 1} for channel_mult={self.channel_mult}"
+            )
         return self
 
 
 class _Level(nn.Module):
     """ResNet blocks at one U-Net level, with optional linear attention after them."""
 
-    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, time_dim: int, groups: int, attention: bool):
+    def __init__(
+        self, in_ch: int, out_ch: int, n_blocks: int, time_dim: int, groups: int, attention: bool
+    ):
         super().__init__()
         widths = [in_ch] + [out_ch] * n_blocks
-        self.blocks = nn.ModuleList(ResBlock3d(a, b, time_dim, groups) for a, b in zip(widths[:-1], widths[1:]))
+        self.blocks = nn.ModuleList(
+            ResBlock3d(a, b, time_dim, groups) for a, b in zip(widths[:-1], widths[1:])
+        )
         self.attn = LinearAttention3d(out_ch, groups=groups) if attention else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
@@ -74,8 +80,8 @@ class _Level(nn.Module):
 class Denoiser(nn.Module):
     """Viewset denoiser producing a ``(B, out_channels, D, D, D)`` feature volume.
 
-    make_encoder: called as ``make_encoder(in_channels=12, time_dim=...)``.
-    make_aggregator: called as ``make_aggregator(channels=C, resolution=D_level)`` once per
+    make_encoder: called positionally as ``make_encoder(in_channels=12, time_dim)``.
+    make_aggregator: called positionally as ``make_aggregator(channels, resolution)`` once per
         U-Net level (skip connections and, at the coarsest level, the bottleneck).
     bound: the volume spans [-bound, bound]^3 in world space.
     """
@@ -83,8 +89,8 @@ class Denoiser(nn.Module):
     def __init__(
         self,
         settings: ModelSettings,
-        make_encoder: Callable[..., Encoder],
-        make_aggregator: Callable[..., Aggregator],
+        make_encoder: Callable[[int, int], Encoder],
+        make_aggregator: Callable[[int, int], Aggregator],
         bound: float,
     ):
         super().__init__()
@@ -94,15 +100,19 @@ class Denoiser(nn.Module):
         sides = [s.volume_size // 2**lv for lv in range(len(chans))]
         attn = set(s.attention_levels)
         self.time_embed = TimestepEmbedding(s.time_dim)
-        self.encoder = make_encoder(in_channels=IN_CHANNELS, time_dim=s.time_dim)
+        self.encoder = make_encoder(IN_CHANNELS, s.time_dim)
         self.lift = nn.Conv3d(self.encoder.out_channels, s.base_channels, 1)
 
         def level(a: int, b: int, lv: int) -> _Level:
             return _Level(a, b, s.num_res_blocks, s.time_dim, s.groups, lv in attn)
 
-        self.down_levels = nn.ModuleList(level(a, b, lv) for lv, (a, b) in enumerate(zip([chans[0]] + chans[:-1], chans)))
+        ins = [chans[0]] + chans[:-1]
+        self.down_levels = nn.ModuleList(level(a, b, lv) for lv, (a, b) in enumerate(zip(ins, chans)))
         self.downsamples = nn.ModuleList(Downsample3d(c) for c in chans[:-1])
-        self.aggregators = nn.ModuleList(make_aggregator(channels=c, resolution=d) for c, d in zip(chans, sides))
+        # One aggregator per scale: the skips of levels 0..L-2 and the bottleneck at level L-1.
+        self.aggregators = nn.ModuleList(
+            make_aggregator(c, d) for c, d in zip(chans, sides)
+        )
         self.mid = level(chans[-1], chans[-1], len(chans) - 1)
         self.upsamples = nn.ModuleList(Upsample3d(b, a) for a, b in zip(chans[:-1], chans[1:]))
         self.up_levels = nn.ModuleList(level(2 * c, c, lv) for lv, c in enumerate(chans[:-1]))
@@ -125,7 +135,8 @@ class Denoiser(nn.Module):
             skips.append(feats.reshape(B, V, *feats.shape[1:]))
             if lv < len(self.downsamples):
                 feats = self.downsamples[lv](feats)
-        # Views' timesteps differ (clean vs noisy); the max keeps the decoder aware of the noisiest.
+        # Views' timesteps differ (clean vs noisy); an elementwise max is symmetric in the views
+        # and defined for any V, as the decoder runs once per object.
         temb_dec = temb.reshape(B, V, -1).amax(dim=1)
         h = self.mid(self.aggregators[-1](skips[-1], None), temb_dec)
         for lv in reversed(range(len(self.up_levels))):
@@ -134,7 +145,9 @@ class Denoiser(nn.Module):
             h = self.up_levels[lv](torch.cat([h, fused], dim=1), temb_dec)
         return self.out(h)
 
-    def _view_volumes(self, images: Tensor, cameras: Cameras, temb: Tensor, self_cond: Tensor | None) -> Tensor:
+    def _view_volumes(
+        self, images: Tensor, cameras: Cameras, temb: Tensor, self_cond: Tensor | None
+    ) -> Tensor:
         """Encode each view and unproject it: (B*V, base_channels, D, D, D)."""
         B, V, _, H, W = images.shape
         if (H, W) != (cameras.height, cameras.width):

@@ -53,6 +53,7 @@ class TrainSettings(Settings):
         False,
         description="train without noise (the 'w/o diffusion' baseline): conditioning views clean, the others replaced by zeros at the last timestep",
     )
+    max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this much wall time, even before train.steps")
     num_workers: int = Field(0, ge=0, description="data-loader worker processes")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
     log_every: int = Field(10, ge=1, description="steps between progress/log lines")

@@ -121,6 +121,8 @@ class Registry:
         self._register(module, src, sources)
 
     def _register(self, obj: Any, src: _Source, sources: dict[int, _Source]) -> None:
+        if self.manager.is_registered(obj):
+            return  # one module named twice (e.g. an entry point for the built-ins): load it once
         try:
             self.manager.register(obj, name=f"{src.provider}:{src.entry_point}")
         except (pluggy.PluginValidationError, ValueError) as exc:

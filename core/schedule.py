@@ -53,13 +53,17 @@ class NoiseSchedule:
             raise ValueError(f"schedule kind must be 'cosine' or 'linear', got {kind!r}")
         self.kind = kind
         self.num_train_timesteps = num_train_timesteps
+        abar = torch.cumprod(1.0 - betas, dim=0)
         self.betas = betas.float()
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).float()
+        self.alphas_cumprod = abar.float()
+        # From float64: in float32, 1 - abar near t = 0 keeps only ~3 significant digits.
+        self._snr = (abar / (1.0 - abar)).float()
 
     def to(self, device) -> "NoiseSchedule":
         """Moves the buffers to ``device`` (in place) and returns self."""
         self.betas = self.betas.to(device)
         self.alphas_cumprod = self.alphas_cumprod.to(device)
+        self._snr = self._snr.to(device)
         return self
 
     def alpha_bar(self, t: Timestep, like: Tensor | None = None) -> Tensor:
@@ -76,14 +80,13 @@ class NoiseSchedule:
         return _broadcast_to(abar, like, "t").to(like.dtype)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Timestep) -> Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; x0, noise (B, V, 3, H, W) or any shape."""
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; x0, noise: (B, V, 3, H, W) or any."""
         abar = self.alpha_bar(t, x0)
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
 
     def snr(self, t: Timestep) -> Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t), shaped like t."""
-        abar = self.alpha_bar(t)
-        return abar / (1.0 - abar)
+        return self._snr[_as_index(t, self._snr.device, self.num_train_timesteps)]
 
     def min_snr_weight(self, t: Timestep, gamma: float | None = 5.0) -> Tensor:
         """Per-sample loss weight min(SNR_t, gamma) for an x0-prediction L2 loss, shaped like t.
@@ -107,24 +110,28 @@ class NoiseSchedule:
         abar = self.alpha_bar(t, x_t)
         return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
 
-    def guided_x0(
-        self, x_t: Tensor, t: Timestep, x0_cond: Tensor, x0_uncond: Tensor, w: float
-    ) -> Tensor:
-        """Classifier-free guidance on x0 predictions: the x0 implied by
-        eps = (1 + w) eps_cond - w eps_uncond.
 
-        w = 0 gives x0_cond, w = -1 gives x0_uncond. Both predictions share x_t and t, and the
-        map x0 -> eps is affine in x0 with the same offset, so the guided x0 is exactly
-        (1 + w) x0_cond - w x0_uncond. That form is used because the round trip through eps
-        divides by sqrt(abar_t), which amplifies rounding error near t = T-1.
-        """
-        self.alpha_bar(t, x_t)  # the same checks of t as the route through eps
-        return (1.0 + w) * x0_cond - w * x0_uncond
+def guided_x0(x_t: Tensor, t: Timestep, x0_cond: Tensor, x0_uncond: Tensor, w: float) -> Tensor:
+    """Classifier-free guidance on x0 predictions: the x0 implied by
+    eps = (1 + w) eps_cond - w eps_uncond, eps_* = (x_t - sqrt(abar_t) x0_*) / sqrt(1 - abar_t).
+
+    w = 0 gives x0_cond, w = -1 gives x0_uncond. Both predictions share x_t and t, and x0 -> eps
+    is affine in x0 with the same offset for both, so the guided x0 is exactly
+    (1 + w) x0_cond - w x0_uncond whatever the schedule: x_t and t cancel. The closed form is used
+    because the round trip through eps divides by sqrt(abar_t), which amplifies rounding error
+    near t = T-1.
+    """
+    if x0_cond.shape != x0_uncond.shape or x0_cond.shape != x_t.shape:
+        raise ValueError(
+            f"x_t {tuple(x_t.shape)}, x0_cond {tuple(x0_cond.shape)} and x0_uncond "
+            f"{tuple(x0_uncond.shape)} must have the same shape"
+        )
+    return (1.0 + w) * x0_cond - w * x0_uncond
 
 
 def _cosine_betas(num_steps: int, s: float) -> Tensor:
     """Nichol & Dhariwal (2021): abar(u) = f(u) / f(0), f(u) = cos^2((u + s) / (1 + s) * pi / 2),
-    beta_t = 1 - abar((t + 1) / T) / abar(t / T), clipped at 0.999 against the singularity at u=1."""
+    beta_t = 1 - abar((t + 1) / T) / abar(t / T), clipped at 0.999 (abar -> 0 as u -> 1)."""
     u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
     f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
     return (1.0 - f[1:] / f[:-1]).clamp(max=0.999)
@@ -163,29 +170,40 @@ class StepOutput:
 
 
 class _Sampler:
-    """Shared timestep bookkeeping of the samplers."""
+    """Shared timestep bookkeeping of the samplers.
 
-    def __init__(self, schedule: NoiseSchedule):
+    steps_offset: added to every inference timestep, as diffusers' option of that name. 0 (the
+    diffusers default) ends the chain on t = 0; 1 keeps noisy views off t = 0, the timestep that
+    marks clean conditioning views (``make_scheduler`` uses 1).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, steps_offset: int = 0):
+        T = schedule.num_train_timesteps
+        if not 0 <= steps_offset < T:
+            raise ValueError(f"steps_offset must lie in [0, {T - 1}], got {steps_offset}")
         self.schedule = schedule
-        self.set_timesteps(schedule.num_train_timesteps)
+        self.steps_offset = steps_offset
+        self.set_timesteps(T - steps_offset)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """``timesteps``: descending LongTensor (N,), "leading" spacing as in diffusers.
 
-        With r = T // N the steps are (N-1) r, ..., r, 0, so the last step always lands on t = 0
-        and each step goes from t to t - r (below 0 means "fully clean").
+        With r = T // N the steps are (N-1) r, ..., r, 0 plus ``steps_offset``; each step goes
+        from t to t - r, and a t - r below 0 means "fully clean", so the last step returns x0.
         """
-        T = self.schedule.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
+        T, offset = self.schedule.num_train_timesteps, self.steps_offset
+        n_max = T - offset  # r = 1 then, and the first step (n_max - 1) + offset is T - 1
+        if not 1 <= num_inference_steps <= n_max:
             raise ValueError(
-                f"num_inference_steps must lie in [1, {T}] (num_train_timesteps), "
-                f"got {num_inference_steps}"
+                f"num_inference_steps must lie in [1, {n_max}] (num_train_timesteps {T}, "
+                f"steps_offset {offset}), got {num_inference_steps}"
             )
         self.num_inference_steps = num_inference_steps
         self.step_ratio = T // num_inference_steps
-        self.timesteps = (torch.arange(num_inference_steps) * self.step_ratio).flip(0)
+        steps = torch.arange(num_inference_steps) * self.step_ratio + offset
+        self.timesteps = steps.flip(0)
 
-    def _alpha_bars(self, t: Timestep, sample: Tensor, final: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _alpha_bars(self, t: Timestep, sample: Tensor, final: float) -> tuple[Tensor, ...]:
         """t as a tensor, abar_t and abar_{t - r} (``final`` where t - r < 0), shaped for sample."""
         t = _as_index(t, sample.device, self.schedule.num_train_timesteps)
         prev = t - self.step_ratio
@@ -220,8 +238,10 @@ class DDIMScheduler(_Sampler):
     default; otherwise abar_0.
     """
 
-    def __init__(self, schedule: NoiseSchedule, set_alpha_to_one: bool = True):
-        super().__init__(schedule)
+    def __init__(
+        self, schedule: NoiseSchedule, steps_offset: int = 0, set_alpha_to_one: bool = True
+    ):
+        super().__init__(schedule, steps_offset)
         self.set_alpha_to_one = set_alpha_to_one
 
     def step(
@@ -270,10 +290,16 @@ class DDPMScheduler(_Sampler):
         sample: Tensor,
         *,
         prediction_type: PredictionType = "sample",
+        eta: float = 0.0,
         clip_sample: bool = True,
         generator: torch.Generator | None = None,
     ) -> StepOutput:
-        """One step from x_t to x_{t - r}; model_output, sample (B, V, 3, H, W), t int or tensor."""
+        """One step from x_t to x_{t - r}; model_output, sample (B, V, 3, H, W), t int or tensor.
+
+        eta: accepted so that both samplers share one call; DDPM's noise is fixed, so only 0.
+        """
+        if eta != 0.0:
+            raise ValueError(f"eta={eta} applies only to DDIM; DDPM's variance is fixed_small")
         t, abar, abar_prev = self._alpha_bars(t, sample, 1.0)
         x0 = self._raw_x0(model_output, sample, abar, prediction_type)
         x0 = x0.clamp(-1.0, 1.0) if clip_sample else x0
@@ -309,7 +335,9 @@ class DiffusionSettings(Settings):
         0.5, ge=0.0, le=1.0, description="Probability of a self-conditioning pass in training."
     )
     sampler: Literal["ddim", "ddpm"] = Field("ddim", description="Sampler used at inference.")
-    sampling_steps: int = Field(50, gt=0, description="Number of sampler steps (<= timesteps).")
+    sampling_steps: int = Field(
+        50, gt=0, description="Number of sampler steps (< timesteps: t = 0 marks clean views)."
+    )
     eta: float = Field(
         0.0, ge=0.0, le=1.0, description="DDIM stochasticity: 0 deterministic, 1 DDPM-like."
     )
@@ -322,9 +350,10 @@ class DiffusionSettings(Settings):
 
     @model_validator(mode="after")
     def _check(self) -> "DiffusionSettings":
-        if self.sampling_steps > self.timesteps:
+        if self.sampling_steps >= self.timesteps:
             raise ValueError(
-                f"sampling_steps ({self.sampling_steps}) must not exceed timesteps ({self.timesteps})"
+                f"sampling_steps ({self.sampling_steps}) must be below timesteps "
+                f"({self.timesteps}): t = 0 is reserved for clean views"
             )
         if self.sampler == "ddpm" and self.eta != 0.0:
             raise ValueError(f"eta ({self.eta}) applies only to sampler 'ddim', not 'ddpm'")
@@ -339,8 +368,12 @@ def make_schedule(settings: DiffusionSettings) -> NoiseSchedule:
 def make_scheduler(
     settings: DiffusionSettings, schedule: NoiseSchedule
 ) -> DDIMScheduler | DDPMScheduler:
-    """The sampler of ``settings``, with ``set_timesteps(settings.sampling_steps)`` done."""
+    """The sampler of ``settings``, with ``set_timesteps(settings.sampling_steps)`` done.
+
+    Its timesteps are offset by 1 ((N-1) r + 1, ..., r + 1, 1) because the engine feeds clean
+    conditioning views at t = 0: a noisy view must never share that timestep.
+    """
     cls = DDIMScheduler if settings.sampler == "ddim" else DDPMScheduler
-    sampler = cls(schedule)
+    sampler = cls(schedule, steps_offset=1)
     sampler.set_timesteps(settings.sampling_steps)
     return sampler

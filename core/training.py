@@ -195,11 +195,12 @@ class Trainer:
             if new_log:
                 writer.writeheader()
             t0, s0, last = time.perf_counter(), self.step, {}
-            while self.step < tr.steps:
+            deadline = t0 + 60 * tr.max_minutes if tr.max_minutes else math.inf
+            while self.step < tr.steps and time.perf_counter() < deadline:
                 last = self.train_step()
                 rate = (self.step - s0) / max(1e-9, time.perf_counter() - t0)
                 bar.update(self.step, last["loss"], rate)
-                if self.step % tr.log_every == 0 or self.step == tr.steps:
+                if self.step % tr.log_every == 0 or self.step == tr.steps or time.perf_counter() >= deadline:
                     writer.writerow({"step": self.step, "lr": self.lr_at(self.step - 1), "steps_per_s": round(rate, 3), "elapsed_s": round(time.perf_counter() - t0, 1), **last})
                     fh.flush()
                 if self.step % tr.checkpoint_every == 0:

@@ -101,8 +101,9 @@ def sample_pdf(t_starts: Tensor, t_ends: Tensor, weights: Tensor, n: int, jitter
     cdf = torch.cat([torch.zeros_like(cdf[..., :1]), cdf], -1)  # (..., S + 1)
     offset = torch.rand(*weights.shape[:-1], n, device=weights.device) if jitter else 0.5
     u = (torch.arange(n, device=weights.device, dtype=weights.dtype) + offset) / n
+    u = u.expand(*weights.shape[:-1], n).contiguous()
     S = weights.shape[-1]
-    idx = (torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True) - 1).clamp(0, S - 1)
+    idx = (torch.searchsorted(cdf.contiguous(), u, right=True) - 1).clamp(0, S - 1)
     c0, c1 = cdf.gather(-1, idx), cdf.gather(-1, idx + 1)
     a, b = t_starts.gather(-1, idx), t_ends.gather(-1, idx)
     frac = ((u - c0) / (c1 - c0).clamp_min(1e-12)).clamp(0.0, 1.0)

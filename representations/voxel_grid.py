@@ -73,7 +73,7 @@ class VoxelGrid(Representation):
         hidden_channels: int = 32  # 0: the heads read the input volume directly
         density_activation: Literal["softplus", "exp"] = "softplus"
         density_scale: float = 1.0
-        density_bias: float = -1.0  # initial bias of the density head: mostly transparent, not 0
+        density_bias: float = -3.0  # initial bias of the density head: mostly transparent, not 0
 
     def __init__(self, settings: Settings, *, in_channels: int, resolution: int, bound: float):
         super().__init__(settings, in_channels=in_channels, resolution=resolution, bound=bound)
@@ -84,7 +84,8 @@ class VoxelGrid(Representation):
         if settings.hidden_channels:
             layers += [_conv3(in_channels, width), nn.SiLU()]
         if settings.upsample == 2:
-            layers += [nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False), _conv3(width, width), nn.SiLU()]
+            up = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)
+            layers += [up, _conv3(width, width), nn.SiLU()]
         self.trunk = nn.Sequential(*layers)
         self.density_head = nn.Conv3d(width, 1, kernel_size=1)
         self.rgb_head = nn.Conv3d(width, 3, kernel_size=1)

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny version of the reference recipe that trains in seconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Overrides that shrink any shipped recipe to a few seconds of CPU work.
+TINY = [
+    "data.image_size=16",
+    "model.volume_size=8",
+    "model.base_channels=8",
+    "model.channel_mult=[1, 2]",
+    "model.time_dim=16",
+    "model.out_channels=8",
+    "renderer.samples=8",
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.log_every=1",
+    "train.sample_every=1000",
+    "train.checkpoint_every=1",
+    "diffusion.sampling_steps=2",
+    "sample.num_samples=2",
+    "sample.turntable_frames=2",
+    "sample.render_size=16",
+]
+
+
+@pytest.fixture(autouse=True)
+def _small_torch():
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
+def tiny_recipe():
+    from vsd.core.recipe import load_recipe
+
+    def make(extra: list[str] | None = None, ref: str = "voxel_minens.yaml"):
+        return load_recipe(ref, TINY + list(extra or []))
+
+    return make
