@@ -182,8 +182,13 @@ def resolve(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(parent, str):
         raise RecipeError(str(path), "extends", f"expected a recipe path or name, got {parent!r}")
     cand = path.parent / parent
-    base_path = cand if cand.is_file() else find_recipe(parent)
-    return deep_merge(resolve(base_path, _seen + (path,)), data)
+    try:
+        base_path = cand if cand.is_file() else find_recipe(parent)
+    except RecipeError as exc:
+        raise RecipeError(str(path), "extends", f"{parent!r}: {exc.detail}") from None
+    base = resolve(base_path, _seen + (path,))
+    base.pop("name", None)  # a recipe's run is named after itself, not after the recipe it extends
+    return deep_merge(base, data)
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:

@@ -10,7 +10,8 @@ may be a Python int, a 0-d tensor, or a tensor whose shape is a prefix of the da
 
 Clean views. Conditioning views are shown to the network with timestep 0 and are *never* noised
 or stepped: the caller keeps their pixels and overwrites whatever a sampler step returns for
-them. This module only indexes the schedule.
+them. This module only indexes the schedule; ``make_scheduler`` offsets the sampling steps by
+one so that a noisy view is never fed at t = 0 as well.
 """
 
 from __future__ import annotations
@@ -273,7 +274,9 @@ class DDIMScheduler(_Sampler):
             eps = model_output
         variance = (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
         sigma = eta * variance.sqrt()
-        prev = abar_prev.sqrt() * x0 + (1.0 - abar_prev - sigma**2).sqrt() * eps
+        # sigma^2 <= 1 - abar_t' for eta <= 1; the clamp only absorbs rounding at eta = 1
+        direction = (1.0 - abar_prev - sigma**2).clamp(min=0.0).sqrt()
+        prev = abar_prev.sqrt() * x0 + direction * eps
         if eta > 0:
             prev = prev + sigma * _randn_like(model_output, generator)
         return StepOutput(prev, x0)
