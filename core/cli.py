@@ -110,6 +110,24 @@ def sample(
         out.print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}")
 
 
+def _register_command_modules() -> None:
+    """Command groups that live in their own modules (each has ``register(app)``)."""
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__package__}.{name}":
+                continue
+            raise
+        mod.register(app)
+
+
+COMMAND_MODULES = ("cli_eval", "cli_data", "cli_export")
+_register_command_modules()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

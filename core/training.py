@@ -70,8 +70,8 @@ def fixed_batch(dataset, n: int, device) -> Viewset:
 def write_samples(model: ViewsetDiffusion, batch: Viewset, out_dir: Path, tag: str, *, steps: int, seed: int, turntable: bool = False) -> dict:
     """Sample grids for ``batch``: one conditioned on its first view and one unconditional.
 
-    Rows are objects. Conditional grid columns: ground-truth views, then sampled views (the first
-    sampled column is the conditioning view passed through). Returns the files written.
+    Rows are objects. Conditional grid columns: ground-truth views, then the sample's renders at
+    the same cameras (the first is the render at the conditioning camera). Returns the files written.
     """
     model.eval()
     cond_k = min(model.recipe.sample.cond_views, batch.num_views - 1)

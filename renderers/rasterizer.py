@@ -70,7 +70,7 @@ except ImportError:  # optional CUDA backend
     kaolin = None
 
 Z_MIN = 1e-3  # camera-space depth below which a vertex counts as behind the camera
-SOFT_REACH = 6.0  # soft term cut-off in units of softness: sigmoid(-6) = 0.0025
+SOFT_REACH = 5.0  # soft term cut-off in units of softness: sigmoid(-5) = 0.0067
 GREY = 0.5
 _GL_NEAR, _GL_FAR = 1e-2, 1e2  # clip range of the nvdiffrast depth buffer, world units
 _NOTICES: set[str] = set()
@@ -140,73 +140,119 @@ def _merge(best: Tensor, arg: Tensor, new_best: Tensor, new_arg: Tensor) -> tupl
     return torch.where(better, new_best, best), torch.where(better, new_arg, arg)
 
 
-@dataclass
-class Visibility:
-    """Per flat pixel (views x H x W): ``face`` the visible view-face id (view * F + f) or -1;
-    ``nearest`` the face with the largest signed distance among fragments near an edge (or -1);
-    ``saturated`` whether some face covers the pixel by more than the soft margin;
-    ``edge_face, edge_pixel`` the near-edge fragments (M,) of the soft term."""
+def _face_fragments(q_flat: Tensor, chunk: Tensor, margin: float, height: int, width: int, n_faces: int):
+    """Pixel centres within ``margin`` of the screen bounding boxes of view-faces ``chunk``.
 
-    face: Tensor
-    nearest: Tensor
-    saturated: Tensor
-    edge_face: Tensor
-    edge_pixel: Tensor
+    Returns view-face ids (M,), flat pixel ids (M,) over (views, height, width), centres (M, 2).
+    """
+    tri = q_flat[chunk]
+    limit = torch.tensor([width - 1, height - 1], device=tri.device)
+    lo = torch.ceil(tri.amin(1) - margin - 0.5).long().clamp_min(0)
+    hi = torch.minimum(torch.floor(tri.amax(1) + margin - 0.5).long(), limit)
+    owner, x, y = _fragments(lo, hi)
+    fid = chunk[owner]
+    pix = (fid // n_faces) * (height * width) + y * width + x
+    return fid, pix, torch.stack([x, y], -1).to(tri) + 0.5
 
 
-def visibility(
-    q_tri: Tensor, inv_z: Tensor, valid: Tensor, height: int, width: int, margin: float, faces_per_chunk: int
-) -> Visibility:
-    """Z-buffer of V views of F faces, see the module docstring.
+def visibility(q_tri: Tensor, inv_z: Tensor, valid: Tensor, height: int, width: int, faces_per_chunk: int) -> Tensor:
+    """Z-buffer: the visible view-face id (view * F + f) of every flat pixel, -1 where empty, (n,).
 
     q_tri: (V, F, 3, 2) sub-pixel vertex positions; inv_z: (V, F, 3) inverse camera depths;
-    valid: (V, F) faces to draw; margin: soft margin in sub-pixels (0: no soft term).
+    valid: (V, F) faces to draw.
     """
     V, Fn = valid.shape
     n = V * height * width
     q_flat, iz_flat = q_tri.reshape(-1, 3, 2), inv_z.reshape(-1, 3)
     ids = torch.nonzero(valid.reshape(-1))[:, 0]
     zbest, face = q_tri.new_full((n,), -torch.inf), ids.new_full((n,), -1)
-    sbest, nearest = q_tri.new_full((n,), -torch.inf), ids.new_full((n,), -1)
-    saturated = torch.zeros(n, dtype=torch.bool, device=q_tri.device)
-    edge_face, edge_pixel = [], []
-    limit = torch.tensor([width - 1, height - 1], device=q_tri.device)
     for chunk in ids.split(faces_per_chunk):
-        tri = q_flat[chunk]
-        lo = torch.ceil(tri.amin(1) - margin - 0.5).long().clamp_min(0)
-        hi = torch.minimum(torch.floor(tri.amax(1) + margin - 0.5).long(), limit)
-        owner, x, y = _fragments(lo, hi)
-        fid = chunk[owner]
-        pix = (fid // Fn) * (height * width) + y * width + x
-        p = torch.stack([x, y], -1).to(tri) + 0.5
-        lam = barycentrics(tri[owner], p)
+        fid, pix, p = _face_fragments(q_flat, chunk, 0.0, height, width, Fn)
+        lam = barycentrics(q_flat[fid], p)
         inside = (lam >= 0).all(-1)
         iz = (lam * iz_flat[fid]).sum(-1)
-        zb, fa = _scatter_argmax(iz[inside], pix[inside], fid[inside], n)
-        zbest, face = _merge(zbest, face, zb, fa)
-        if margin > 0:
-            sd = signed_distance(tri[owner], p)
-            saturated[pix[sd >= margin]] = True
-            near = sd.abs() < margin
-            sb, ne = _scatter_argmax(sd[near], pix[near], fid[near], n)
-            sbest, nearest = _merge(sbest, nearest, sb, ne)
-            edge_face.append(fid[near])
-            edge_pixel.append(pix[near])
-    empty = ids.new_zeros(0)
-    edge_face = torch.cat(edge_face) if edge_face else empty
-    edge_pixel = torch.cat(edge_pixel) if edge_pixel else empty
-    keep = ~saturated[edge_pixel]
-    return Visibility(face, nearest, saturated, edge_face[keep], edge_pixel[keep])
+        zbest, face = _merge(zbest, face, *_scatter_argmax(iz[inside], pix[inside], fid[inside], n))
+    return face
 
 
-def soft_coverage(q_flat: Tensor, vis: Visibility, sigma: float, height: int, width: int) -> Tensor:
+@dataclass
+class EdgeFragments:
+    """What the soft coverage term needs, over flat pixels (n,): ``nearest`` the face with the
+    largest signed distance to the pixel (or -1), ``saturated`` whether some face covers the pixel
+    by more than the margin, and the fragments (M,) within the margin of a face's boundary at
+    unsaturated pixels: ``face`` ids and ``pixel`` ids."""
+
+    nearest: Tensor
+    saturated: Tensor
+    face: Tensor
+    pixel: Tensor
+
+
+def silhouette_band(covered: Tensor, radius: float) -> Tensor:
+    """(V, h, w) bool: pixels with both covered and empty pixels within ``radius`` (Chebyshev)."""
+    k = 2 * int(radius + 0.5) + 1
+    c = covered.float()[:, None]
+    grown = F.max_pool2d(c, k, stride=1, padding=k // 2)
+    shrunk = -F.max_pool2d(-c, k, stride=1, padding=k // 2)
+    return (grown != shrunk)[:, 0]
+
+
+def edge_fragments(
+    q_tri: Tensor, valid: Tensor, band: Tensor, margin: float, faces_per_chunk: int
+) -> EdgeFragments:
+    """Fragments of the soft term, restricted to the silhouette ``band`` (V, h, w).
+
+    Elsewhere coverage cannot change under small vertex motions (deep inside or far outside),
+    so only faces whose widened bounding box meets the band are visited; a summed-area table of
+    the band finds them in O(F).
+    """
+    V, Fn = valid.shape
+    h, w = band.shape[-2:]
+    n = V * h * w
+    q_flat = q_tri.reshape(-1, 3, 2)
+    ids = torch.nonzero(valid.reshape(-1) & _touches(q_flat, band, margin, Fn))[:, 0]
+    band_flat = band.reshape(-1)
+    sbest, nearest = q_tri.new_full((n,), -torch.inf), ids.new_full((n,), -1)
+    saturated = torch.zeros(n, dtype=torch.bool, device=q_tri.device)
+    faces, pixels = [], []
+    for chunk in ids.split(faces_per_chunk):
+        fid, pix, p = _face_fragments(q_flat, chunk, margin, h, w, Fn)
+        keep = band_flat[pix]
+        fid, pix, p = fid[keep], pix[keep], p[keep]
+        sd = signed_distance(q_flat[fid], p)
+        saturated[pix[sd >= margin]] = True
+        near = sd.abs() < margin
+        sbest, nearest = _merge(sbest, nearest, *_scatter_argmax(sd[near], pix[near], fid[near], n))
+        faces.append(fid[near])
+        pixels.append(pix[near])
+    face = torch.cat(faces) if faces else ids.new_zeros(0)
+    pixel = torch.cat(pixels) if pixels else ids.new_zeros(0)
+    keep = ~saturated[pixel]
+    return EdgeFragments(nearest, saturated, face[keep], pixel[keep])
+
+
+def _touches(q_flat: Tensor, band: Tensor, margin: float, n_faces: int) -> Tensor:
+    """(V * F,) whether each view-face's bounding box widened by ``margin`` holds a band pixel."""
+    V, h, w = band.shape
+    sat = F.pad(band.float().cumsum(1).cumsum(2), (1, 0, 1, 0))  # (V, h + 1, w + 1)
+    lo = torch.ceil(q_flat.amin(1) - margin - 0.5).long()
+    hi = torch.floor(q_flat.amax(1) + margin - 0.5).long()
+    x0, y0 = lo[:, 0].clamp(0, w), lo[:, 1].clamp(0, h)
+    x1, y1 = (hi[:, 0] + 1).clamp(0, w), (hi[:, 1] + 1).clamp(0, h)
+    x1, y1 = torch.maximum(x1, x0), torch.maximum(y1, y0)
+    v = torch.arange(V, device=band.device).repeat_interleave(n_faces)
+    count = sat[v, y1, x1] - sat[v, y0, x1] - sat[v, y1, x0] + sat[v, y0, x0]
+    return count > 0.5
+
+
+def soft_coverage(q_flat: Tensor, frags: EdgeFragments, sigma: float, height: int, width: int) -> Tensor:
     """(n,) SoftRas aggregate 1 - prod(1 - sigmoid(d / sigma)) per flat pixel, differentiable in
     q_flat (V * F, 3, 2); saturated pixels are 1 and pixels without near fragments 0."""
-    n = vis.face.numel()
-    p = _pixel_centres(vis.edge_pixel, height, width).to(q_flat)
-    sd = signed_distance(q_flat[vis.edge_face], p)
-    log_outside = q_flat.new_zeros(n).index_add(0, vis.edge_pixel, F.logsigmoid(-sd / sigma))
-    return torch.where(vis.saturated, torch.ones_like(log_outside), 1 - torch.exp(log_outside))
+    n = frags.nearest.numel()
+    p = _pixel_centres(frags.pixel, height, width).to(q_flat)
+    sd = signed_distance(q_flat[frags.face], p)
+    log_outside = q_flat.new_zeros(n).index_add(0, frags.pixel, F.logsigmoid(-sd / sigma))
+    return torch.where(frags.saturated, torch.ones_like(log_outside), 1 - torch.exp(log_outside))
 
 
 def project(mesh: Mesh, cams: Cameras) -> tuple[Tensor, Tensor]:
@@ -335,21 +381,22 @@ class MeshRasterizer(Renderer):
         valid = (z_tri > Z_MIN).all(-1) & torch.isfinite(q_tri).all(-1).all(-1)
         sigma = self.settings.softness * self.settings.supersample
         soft_on = sigma > 0 and torch.is_grad_enabled() and mesh.vertices.requires_grad
-        margin = SOFT_REACH * sigma if soft_on else 0.0
         with torch.no_grad():
-            if backend == "kaolin" and not soft_on:
-                vis = self._kaolin_visibility(q_tri.detach(), z_tri.detach(), valid, h, w)
+            if backend == "kaolin":
+                face = self._kaolin_visibility(q_tri.detach(), z_tri.detach(), valid, h, w)
             else:
                 iz = 1 / z_tri.detach().clamp_min(Z_MIN)
-                vis = visibility(q_tri.detach(), iz, valid, h, w, margin, self.settings.faces_per_chunk)
-        covered = vis.face >= 0
-        hard = covered.to(q)
+                face = visibility(q_tri.detach(), iz, valid, h, w, self.settings.faces_per_chunk)
+        covered = face >= 0
+        opacity = covered.to(q)
         if soft_on:
-            soft = soft_coverage(q_tri.reshape(-1, 3, 2), vis, sigma, h, w)
-            opacity = hard + soft - soft.detach()
-            face = torch.where(covered, vis.face, vis.nearest)
-        else:
-            opacity, face = hard, vis.face
+            margin = SOFT_REACH * sigma
+            with torch.no_grad():
+                band = silhouette_band(covered.reshape(V, h, w), margin)
+                frags = edge_fragments(q_tri.detach(), valid, band, margin, self.settings.faces_per_chunk)
+            soft = soft_coverage(q_tri.reshape(-1, 3, 2), frags, sigma, h, w)
+            opacity = opacity + soft - soft.detach()
+            face = torch.where(covered, face, frags.nearest)
         pix, colour, dist = shade(mesh, p_cam, q, face, covered, h, w)
         n = V * h * w
         rgb = q.new_zeros(n, 3).index_put((pix,), colour * opacity[pix, None])
@@ -361,8 +408,8 @@ class MeshRasterizer(Renderer):
         return image(rgb), image(depth[:, None]), image(opacity[:, None])
 
     # ---- optional CUDA backends -----------------------------------------------------------------
-    def _kaolin_visibility(self, q_tri: Tensor, z_tri: Tensor, valid: Tensor, h: int, w: int) -> Visibility:
-        """Visible view-face ids from kaolin's rasteriser (CUDA only), without the soft term.
+    def _kaolin_visibility(self, q_tri: Tensor, z_tri: Tensor, valid: Tensor, h: int, w: int) -> Tensor:
+        """Visible view-face ids (V * h * w,) from kaolin's rasteriser (CUDA only), -1 where empty.
 
         kaolin keeps the largest interpolated z per pixel; passing -1/z makes that the nearest
         surface exactly, since 1/z is affine in screen space. Its image y axis points up.
@@ -374,9 +421,7 @@ class MeshRasterizer(Renderer):
             h, w, -1 / z_tri.clamp_min(Z_MIN), image.contiguous(), feats, valid_faces=valid
         )
         views = torch.arange(V, device=q_tri.device)[:, None, None]
-        face = torch.where(face_idx >= 0, views * Fn + face_idx, -1).reshape(-1)
-        none = face.new_zeros(0)
-        return Visibility(face, torch.full_like(face, -1), torch.zeros_like(face, dtype=torch.bool), none, none)
+        return torch.where(face_idx >= 0, views * Fn + face_idx, -1).reshape(-1)
 
     def _render_nvdiffrast(self, mesh: Mesh, cams: Cameras) -> tuple[Tensor, Tensor, Tensor]:
         """The whole image with nvdiffrast (CUDA only); gradients from its analytic anti-aliasing."""
