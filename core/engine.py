@@ -29,6 +29,31 @@ class Prediction:
     scene: object
 
 
+class _Draws:
+    """Random draws for a batch of ``total`` rows, of which the caller keeps ``rows``."""
+
+    def __init__(self, gen: torch.Generator | None, total: int, rows: slice, device):
+        self.gen, self.total, self.rows, self.device = gen, total, rows, device
+
+    def _keep(self, x: Tensor) -> Tensor:
+        return x[self.rows].to(self.device)
+
+    def scalar(self) -> float:
+        return torch.rand((), generator=self.gen).item()
+
+    def rand(self, *shape: int) -> Tensor:
+        return self._keep(torch.rand(self.total, *shape, generator=self.gen))
+
+    def randn(self, *shape: int) -> Tensor:
+        return self._keep(torch.randn(self.total, *shape, generator=self.gen))
+
+    def randint(self, low: int, high: int) -> Tensor:
+        return self._keep(torch.randint(low, high, (self.total,), generator=self.gen))
+
+    def multinomial(self, probs: Tensor) -> Tensor:
+        return self._keep(torch.multinomial(probs.expand(self.total, -1), 1, generator=self.gen)[:, 0])
+
+
 class ViewsetDiffusion(nn.Module):
     """Denoiser + representation + renderer, with the diffusion schedule of a recipe."""
 
@@ -52,13 +77,10 @@ class ViewsetDiffusion(nn.Module):
     def T(self) -> int:
         return self.recipe.diffusion.timesteps
 
-    def background(self, batch: int, device, generator: torch.Generator | None = None) -> Tensor:
-        """(B, 3) background colours: the dataset's, random per viewset when it says "random"
-        and the model is training."""
-        kind = self.info.background
-        if kind == "random" and self.training:
-            return torch.rand(batch, 3, generator=generator, device="cpu").to(device)
-        value = 0.0 if kind == "black" else 1.0
+    def background(self, batch: int, device) -> Tensor:
+        """(B, 3) background colour for rendering: the dataset's; "random" backgrounds (drawn
+        per viewset in training) render over white."""
+        value = 0.0 if self.info.background == "black" else 1.0
         return torch.full((batch, 3), value, device=device)
 
     # ---- one denoiser pass -----------------------------------------------------------------
@@ -84,39 +106,48 @@ class ViewsetDiffusion(nn.Module):
         return self.renderer(scene, cameras, bg)
 
     # ---- training ------------------------------------------------------------------------------
-    def training_loss(self, batch: Viewset, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+    def training_loss(self, batch: Viewset, seed: int | None = None, rows: slice | None = None, total: int | None = None) -> tuple[Tensor, dict]:
         """The loss on one batch of viewsets (B, V + heldout views).
 
         The first ``V`` views form the denoiser's input: a random number of them (train.cond_probs)
         are clean at t=0, the rest share one noise level t per viewset. The renders of all views,
         the held-out ones included, are compared with the clean images.
+
+        Randomness (clean-view counts, timesteps, noise, backgrounds) is drawn from ``seed`` for a
+        batch of ``total`` viewsets, of which this call takes ``rows``. Processes of a distributed
+        run, and micro-batches of gradient accumulation, thereby draw exactly what one process
+        with the whole batch would.
         """
         tr, diff = self.recipe.train, self.recipe.diffusion
         dev = batch.images.device
         B, Vt = batch.images.shape[:2]
         V = Vt - tr.heldout_views
-        cpu = dict(generator=generator, device="cpu")
-        bg = self.background(B, dev, generator)
+        total = total or B
+        rows = rows or slice(0, B)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        draw = _Draws(gen, total, rows, dev)
+
+        use_self_cond = not tr.deterministic and draw.scalar() < diff.self_condition_prob
+        bg = draw.rand(3) if (self.info.background == "random" and self.training) else self.background(B, dev)
         target = self._composite(batch, bg)
         x0 = target[:, :V]
-
         probs = torch.tensor(tr.cond_probs, dtype=torch.float)
-        k = torch.multinomial(probs.expand(B, -1), 1, generator=generator)[:, 0].to(dev)  # (B,)
+        k = draw.multinomial(probs)
         if tr.deterministic:
             k = k.clamp(min=1)
         clean = torch.arange(V, device=dev)[None] < k[:, None]  # (B, V)
+        t = draw.randint(1, self.T)
+        noise = draw.randn(*x0.shape[1:])
         if tr.deterministic:
-            t = torch.full((B,), self.T - 1, device=dev)
+            t = torch.full_like(t, self.T - 1)
             x_t = torch.zeros_like(x0)
         else:
-            t = torch.randint(1, self.T, (B,), **cpu).to(dev)
-            noise = torch.randn(x0.shape, **cpu).to(dev)
             x_t = self.schedule.add_noise(x0, noise, t[:, None].expand(B, V))
         timesteps = torch.where(clean, 0, t[:, None])
         x_in = torch.where(clean[..., None, None, None], x0, x_t)
 
         self_cond = None
-        if not tr.deterministic and torch.rand((), **cpu) < diff.self_condition_prob:
+        if use_self_cond:
             with torch.no_grad():
                 self_cond = self.predict(x_in, batch.cameras[:, :V], timesteps, None, background=bg).x0.detach()
 

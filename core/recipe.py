@@ -53,6 +53,13 @@ class TrainSettings(Settings):
         False,
         description="train without noise (the 'w/o diffusion' baseline): conditioning views clean, the others replaced by zeros at the last timestep",
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass (fp16 adds gradient scaling)")
+    grad_accum: int = Field(1, ge=1, description="split each process's batch into this many micro-batches (same result, less memory)")
+    compile: bool = Field(False, description="torch.compile the denoiser's forward")
+    compile_backend: str = Field("inductor", description="torch.compile backend")
+    nonfinite: Literal["skip", "stop"] = Field("skip", description="a NaN/Inf loss or gradient: skip that step, or stop the run")
+    max_skipped_steps: int = Field(10, ge=0, description="stop after this many non-finite steps in a row")
+    keep_checkpoints: int = Field(3, ge=1, description="newest step checkpoints kept in checkpoints/")
     max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this much wall time, even before train.steps")
     num_workers: int = Field(0, ge=0, description="data-loader worker processes")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
@@ -317,5 +324,7 @@ def _check_cross(raw: dict, source: str, plugins: dict, engine: dict) -> None:
             f"gives probabilities for up to {len(train.cond_probs) - 1} clean views, but viewsets have only "
             f"{views - train.heldout_views} views (data.views - train.heldout_views) and at least one must be noisy",
         )
+    if train.batch_size % train.grad_accum:
+        raise RecipeError(source, "train.grad_accum", f"must divide train.batch_size ({train.batch_size}); got {train.grad_accum}")
     if abs(sum(train.cond_probs) - 1) > 1e-6 or min(train.cond_probs, default=0) < 0:
         raise RecipeError(source, "train.cond_probs", f"expected non-negative probabilities summing to 1, got {train.cond_probs}")

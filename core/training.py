@@ -6,44 +6,36 @@ exactly the batches and noise the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import info_to_dict, load_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import info_to_dict, load_checkpoint, save_run_checkpoint
 from .engine import ViewsetDiffusion
 from .errors import VsdError
 from .media import save_grid, save_video
 from .recipe import Recipe
+from .distributed import select_device  # noqa: F401  (re-exported)
 from .viewset import Viewset, collate_viewsets
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VsdError(f"device {name!r} was asked for, but CUDA is not available here; use device: auto or cpu")
-    return dev
 
 
 def build_dataset(recipe: Recipe, split: str):
     return recipe.data.build(split=split)
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
-
-
-def fetch_batch(dataset, batch_size: int, generator: torch.Generator, device) -> Viewset:
-    idx = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
-    return collate_viewsets([dataset[i] for i in idx]).to(device)
+def step_seed(seed: int, step: int) -> int:
+    """The seed of every random draw of one training step (data, noise, timesteps)."""
+    return (seed * 1_000_003 + step * 7919) % (2**62)
 
 
 class EMA:
@@ -108,35 +100,65 @@ def render_turntable(model: ViewsetDiffusion, scene, batch: int, frames: int | N
     return torch.cat(out, 1).cpu()
 
 
+class _LossModule(nn.Module):
+    """The training loss as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: ViewsetDiffusion):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Viewset, seed: int, rows: slice, total: int):
+        return self.model.training_loss(batch, seed, rows, total)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Trainer:
-    """Trains a recipe into a run directory: checkpoints/, samples/, log.csv, recipe.yaml."""
+    """Trains a recipe into a run directory: checkpoints/, samples/, log.csv, recipe.yaml.
+
+    Under torchrun every process runs a Trainer; ``train.batch_size`` is per process (the global
+    batch is batch_size x processes) and only rank 0 writes anything.
+    """
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False):
         self.recipe, self.out = recipe, Path(out_dir)
-        self.quiet = quiet
         tr = recipe.train
         if tr.threads:
             torch.set_num_threads(tr.threads)
-        self.device = select_device(recipe.device)
+        self.dist = distributed.setup(recipe.device)
+        self.device = self.dist.device
+        self.quiet = quiet or not self.dist.is_main
         torch.manual_seed(recipe.seed)
         self.train_set = build_dataset(recipe, "train")
         self.val_set = build_dataset(recipe, "val")
+        if len(self.train_set) == 0:
+            raise VsdError(f"recipe {recipe.source}: the training split of data ({recipe.data.type}) is empty")
         self.model = ViewsetDiffusion(recipe, self.train_set.info).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=tr.lr)
         self.ema = EMA(self.model, tr.ema_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type) if tr.precision == "fp16" else None
         self.step = 0
+        self.skipped = 0
         self.ckpt_path = self.out / "checkpoints" / "last.pt"
         if resume:
             self._resume()
         elif self.ckpt_path.exists():
             raise VsdError(f"{self.out} already holds a run (found {self.ckpt_path}); pass --resume to continue it or choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "recipe.yaml").write_text(recipe.dump())
+        self.loss_module: nn.Module = _LossModule(self.model)
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.loss_module = nn.parallel.DistributedDataParallel(self.loss_module, device_ids=ids)
+        if tr.compile:
+            # compile the forward only: parameter names (and so checkpoints) stay unchanged
+            self.model.denoiser.forward = torch.compile(self.model.denoiser.forward, backend=tr.compile_backend)
+        if self.dist.is_main:
+            self._write(lambda: (self.out.mkdir(parents=True, exist_ok=True), (self.out / "recipe.yaml").write_text(recipe.dump())))
 
     def _resume(self) -> None:
-        if not self.ckpt_path.exists():
-            raise VsdError(f"--resume was given but {self.ckpt_path} does not exist")
-        state = load_checkpoint(self.ckpt_path, map_location=self.device)
+        if not self.ckpt_path.parent.exists():
+            raise VsdError(f"--resume was given but {self.out} holds no checkpoints")
+        state = load_checkpoint(self.out, map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.ema.model.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
@@ -157,59 +179,177 @@ class Trainer:
         tr = self.recipe.train
         return tr.lr * min(1.0, (step + 1) / max(1, tr.warmup_steps))
 
+    def _batch(self, idx: list[int], positions: range, seed: int) -> Viewset:
+        # each item's random draws (e.g. fresh cameras) are seeded by its place in the global batch
+        items = []
+        for pos, i in zip(positions, idx):
+            torch.manual_seed(seed + 7 * pos + 1)
+            items.append(self.train_set[i])
+        return collate_viewsets(items).to(self.device)
+
     def train_step(self) -> dict:
-        tr = self.recipe.train
-        torch.manual_seed(step_seed(self.recipe.seed, self.step))
-        gen = torch.Generator().manual_seed(step_seed(self.recipe.seed, self.step))
-        batch = fetch_batch(self.train_set, tr.batch_size, gen, self.device)
+        """One optimiser step over the global batch (this process's share, in micro-batches)."""
+        tr, d = self.recipe.train, self.dist
+        seed = step_seed(self.recipe.seed, self.step)
+        total = tr.batch_size * d.world
+        idx = torch.randint(len(self.train_set), (total,), generator=torch.Generator().manual_seed(seed)).tolist()
+        micro = tr.batch_size // tr.grad_accum
         self.model.train()
-        loss, stats = self.model.training_loss(batch)
-        if not torch.isfinite(loss):
-            raise VsdError(f"the loss became {loss.item()} at step {self.step}; the last good checkpoint is {self.ckpt_path}")
+        self.opt.zero_grad(set_to_none=True)
+        stats_sum: dict[str, float] = {}
+        for m in range(tr.grad_accum):
+            lo = d.rank * tr.batch_size + m * micro
+            rows = slice(lo, lo + micro)
+            batch = self._batch(idx[rows], range(lo, lo + micro), seed)
+            sync = m == tr.grad_accum - 1 or d.world == 1
+            ctx = contextlib.nullcontext() if sync else self.loss_module.no_sync()
+            with ctx:
+                with self._autocast():
+                    loss, stats = self.loss_module(batch, seed + 1, rows, total)
+                scaled = loss / tr.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / tr.grad_accum
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tr.grad_clip:
-            stats["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
-        self.opt.step()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip or math.inf)
+        stats_sum["grad_norm"] = float(norm)
+        if not (math.isfinite(norm) and math.isfinite(stats_sum["loss"])):
+            return self._nonfinite(stats_sum)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.ema.update(self.model)
+        self.skipped = 0
         self.step += 1
-        return {k: float(v) for k, v in stats.items()}
+        return distributed.mean_over_ranks(stats_sum, d)
+
+    def _autocast(self):
+        p = self.recipe.train.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[p])
+
+    def _nonfinite(self, stats: dict) -> dict:
+        """A NaN/Inf loss or gradient: the step is not applied (weights, EMA, checkpoints untouched)."""
+        tr = self.recipe.train
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler:  # fp16 overflow is normal: the scaler lowers its scale and we retry
+            self.scaler.update()
+        self.skipped += 1
+        what = f"loss {stats['loss']}, gradient norm {stats['grad_norm']}"
+        if tr.nonfinite == "stop" or self.skipped > tr.max_skipped_steps:
+            raise VsdError(
+                f"training stopped at step {self.step}: non-finite {what} "
+                f"({self.skipped} step(s) in a row); nothing non-finite was applied or saved, the last good checkpoint is in {self.ckpt_path.parent}"
+            )
+        return {**stats, "skipped": 1.0}
+
+    def _write(self, fn):
+        """Run a write; a full or read-only disk becomes a clear error, keeping earlier files."""
+        try:
+            return fn()
+        except OSError as exc:
+            raise VsdError(
+                f"cannot write to {getattr(exc, 'filename', None) or self.out}: {exc.strerror or exc}; "
+                f"training stopped at step {self.step}, earlier checkpoints in {self.ckpt_path.parent} are intact"
+            ) from None
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.ckpt_path, self.state())
+        if self.dist.is_main:
+            self._write(lambda: save_run_checkpoint(self.out, self.state(), keep=self.recipe.train.keep_checkpoints))
+        distributed.barrier(self.dist)
 
     def samples(self, final: bool = False) -> dict:
+        if not self.dist.is_main:
+            return {}
         batch = fixed_batch(self.val_set, 4, self.device)
         steps = self.recipe.diffusion.sampling_steps
-        return write_samples(self.ema.model, batch, self.out / "samples", f"step_{self.step:06d}", steps=steps, seed=self.recipe.seed, turntable=final)
+        return self._write(
+            lambda: write_samples(self.ema.model, batch, self.out / "samples", f"step_{self.step:06d}", steps=steps, seed=self.recipe.seed, turntable=final)
+        )
 
     def run(self) -> dict:
         tr = self.recipe.train
-        log_path = self.out / "log.csv"
-        new_log = not log_path.exists() or self.step == 0
-        fields = ["step", "loss", "mse", "mse_heldout", "grad_norm", "lr", "steps_per_s", "elapsed_s"]
-        with open(log_path, "w" if new_log else "a", newline="") as fh, _Progress(tr.steps, self.step, self.quiet) as bar:
-            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-            if new_log:
-                writer.writeheader()
+        stop = _StopRequest()
+        with stop, _RunLog(self, tr) as log, _Progress(tr.steps, self.step, self.quiet) as bar:
             t0, s0, last = time.perf_counter(), self.step, {}
             deadline = t0 + 60 * tr.max_minutes if tr.max_minutes else math.inf
-            while self.step < tr.steps and time.perf_counter() < deadline:
+            while self.step < tr.steps and time.perf_counter() < deadline and not stop.requested:
                 last = self.train_step()
+                if last.get("skipped"):
+                    continue
                 rate = (self.step - s0) / max(1e-9, time.perf_counter() - t0)
                 bar.update(self.step, last["loss"], rate)
-                if self.step % tr.log_every == 0 or self.step == tr.steps or time.perf_counter() >= deadline:
-                    writer.writerow({"step": self.step, "lr": self.lr_at(self.step - 1), "steps_per_s": round(rate, 3), "elapsed_s": round(time.perf_counter() - t0, 1), **last})
-                    fh.flush()
+                if self.step % tr.log_every == 0 or self.step == tr.steps:
+                    log.row(self.step, self.lr_at(self.step - 1), rate, time.perf_counter() - t0, last)
                 if self.step % tr.checkpoint_every == 0:
                     self.checkpoint()
                 if self.step % tr.sample_every == 0 and self.step < tr.steps:
                     self.samples()
             self.checkpoint()
+        if stop.requested:
+            raise VsdError(f"stopped by {stop.requested} at step {self.step}; checkpoint written, continue with --resume")
         files = self.samples(final=True)
         return {"step": self.step, "last": last, "files": files, "checkpoint": self.ckpt_path}
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+class _RunLog:
+    """log.csv on rank 0, continued (not restarted) on resume."""
+
+    FIELDS = ["step", "loss", "mse", "mse_heldout", "grad_norm", "lr", "steps_per_s", "elapsed_s"]
+
+    def __init__(self, trainer: "Trainer", tr):
+        self.t, self.fh = trainer, None
+
+    def __enter__(self):
+        if self.t.dist.is_main:
+            path = self.t.out / "log.csv"
+            new = not path.exists() or self.t.step == 0
+            if not new:  # drop rows past the checkpoint we resumed from
+                rows = path.read_text().splitlines()
+                keep = [rows[0]] + [r for r in rows[1:] if r and int(r.split(",")[0]) <= self.t.step]
+                path.write_text("\n".join(keep) + "\n")
+            self.fh = self.t._write(lambda: open(path, "w" if new else "a", newline=""))
+            self.w = csv.DictWriter(self.fh, fieldnames=self.FIELDS, extrasaction="ignore")
+            if new:
+                self.w.writeheader()
+        return self
+
+    def row(self, step, lr, rate, elapsed, stats):
+        if self.fh:
+            self.t._write(lambda: (self.w.writerow({"step": step, "lr": lr, "steps_per_s": round(rate, 3), "elapsed_s": round(elapsed, 1), **stats}), self.fh.flush()))
+
+    def __exit__(self, *exc):
+        if self.fh:
+            self.fh.close()
 
 
 class _Progress:

@@ -28,20 +28,25 @@ def vsd_aggregators():
 
 @hookimpl
 def vsd_representations():
+    from ..representations.dmtet import DMTet
+    from ..representations.hash_grid import HashGrid
+    from ..representations.triplane import Triplane
     from ..representations.voxel_grid import VoxelGrid
 
-    return {"voxel-grid": VoxelGrid}
+    return {"voxel-grid": VoxelGrid, "triplane": Triplane, "hash-grid": HashGrid, "dmtet": DMTet}
 
 
 @hookimpl
 def vsd_renderers():
+    from ..renderers.rasterizer import MeshRasterizer
     from ..renderers.volume import VolumeRenderer
 
-    return {"volume": VolumeRenderer}
+    return {"volume": VolumeRenderer, "rasterizer": MeshRasterizer}
 
 
 @hookimpl
 def vsd_datasets():
     from .datasets.minens import MinensDataset
+    from .datasets.srn import SRNDataset
 
-    return {"minens": MinensDataset}
+    return {"minens": MinensDataset, "srn": SRNDataset}

@@ -4,14 +4,14 @@ Each of the B meshes is drawn at its V cameras (OpenCV pinholes) at ``supersampl
 output resolution, then box-filtered down, which anti-aliases edges.
 
 Visibility (no gradient). Vertices are projected to sub-pixel coordinates; every face lists the
-pixel centres inside its screen bounding box (widened by the soft margin below) as *fragments*.
-A fragment is inside the face when its screen-space barycentrics are all >= 0; the z-buffer keeps,
-per pixel, the inside fragment with the largest interpolated 1/z (1/z is affine in screen space,
-so this is the exact nearest surface). Faces are processed ``faces_per_chunk`` at a time and the
-chunks' z-buffers merged, so the work and the memory are O(sum of the faces' bounding-box areas)
-rather than O(pixels x faces): a few thousand faces at 64-128 px stay well under a million
-fragments per view. Faces with a vertex behind the camera (z <= 1e-3) are dropped, not clipped;
-both sides of every face are drawn.
+pixel centres inside its screen bounding box as *fragments*. A fragment is inside the face when
+its screen-space barycentrics are all >= 0; the z-buffer keeps, per pixel, the inside fragment
+with the largest interpolated 1/z (1/z is affine in screen space, so this is the exact nearest
+surface). Faces are processed ``faces_per_chunk`` at a time and the chunks' z-buffers merged, so
+work and memory are O(sum of the faces' bounding-box areas in sub-pixels) rather than
+O(pixels x faces): a few thousand small faces at 64-128 px make well under a million fragments
+per view. Faces with a vertex behind the camera (z <= 1e-3) are dropped, not clipped; both sides
+of every face are drawn.
 
 Shading (differentiable). For each covered pixel the barycentrics of its face are recomputed
 from the (differentiable) projected vertices and made perspective-correct,
@@ -21,16 +21,19 @@ the ray. Meshes with neither colours nor a texture are drawn mid grey. UV conven
 along the texture's width and ``v`` along its height with ``v = 0`` at row 0 of the
 ``(3, Ht, Wt)`` tensor (as in nvdiffrast); OBJ-style UVs (v up) need ``v -> 1 - v``.
 
-Gradients w.r.t. vertex positions (the soft coverage term). Hard coverage is piecewise constant
-in the vertex positions, so the opacity is computed as a straight-through estimate:
-``opacity = hard + soft - soft.detach()``. Its value is the exact supersampled coverage; its
-gradient is that of the SoftRas-style aggregate ``soft = 1 - prod_f (1 - sigmoid(d_f / s))``,
-where ``d_f`` is the signed screen distance of the pixel centre to face f (positive inside) and
-``s = softness`` output pixels. Only fragments within 6 s of an edge contribute; pixels deep inside
-some face are saturated (soft = 1, no gradient). Uncovered pixels near a face take that face's
-colour at the nearest barycentric point, so ``d rgb / d opacity = colour - background`` there:
-moving an edge outward paints the face's colour over the background. ``softness = 0`` disables
-the term (no position gradients through coverage; interpolation still passes them).
+Gradients w.r.t. vertex positions: a soft coverage term for the nearest face, used
+straight-through. Hard coverage is piecewise constant in the vertex positions, so
+``opacity = hard + soft - soft.detach()``: its value is the exact supersampled coverage and its
+gradient is that of ``soft``. Each empty sub-pixel within ``5 * softness`` output pixels of the
+silhouette takes the face of its nearest covered sub-pixel (a few 3x3 max-pool steps of the face
+map) and ``soft = 2 sigmoid(d / softness)``, with ``d < 0`` the signed screen distance from the
+pixel centre to that face (SoftRas' edge term for one face; the factor 2 makes the gradient of
+the covered area unbiased for a straight edge). These pixels also take that face's colour at the
+nearest barycentric point, so ``d rgb / d opacity = colour - background``: moving an edge
+outward paints the face's colour over the background. Covered pixels get no soft term: inside a
+closed silhouette, moving shared edges does not change coverage, and the SoftRas aggregate over
+all faces would both cost O(faces near each pixel) and dip along interior edges. The cost is
+O(silhouette pixels). ``softness = 0`` turns it off (interpolation still passes gradients).
 
 Outputs follow :class:`~vsd.renderers.base.RenderOutput` with the volume renderer's meanings:
 rgb composited over the background, ``opacity`` the coverage, and ``depth = opacity * distance``
@@ -39,14 +42,14 @@ rgb composited over the background, ``opacity`` the coverage, and ``depth = opac
 Backends (``implementation``), used only for CUDA tensors, with one notice when falling back:
 ``nvdiffrast`` draws the whole image (dr.rasterize / interpolate / texture / antialias; position
 gradients then come from nvdiffrast's analytic anti-aliasing instead of the soft term);
-``kaolin`` replaces the visibility pass (kaolin.render.mesh.rasterize face indices) when no soft
-term is needed (no gradient, or ``softness = 0``); shading always stays in torch.
+``kaolin`` replaces only the visibility pass (kaolin.render.mesh.rasterize face indices);
+shading and the soft term stay in torch.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -140,15 +143,15 @@ def _merge(best: Tensor, arg: Tensor, new_best: Tensor, new_arg: Tensor) -> tupl
     return torch.where(better, new_best, best), torch.where(better, new_arg, arg)
 
 
-def _face_fragments(q_flat: Tensor, chunk: Tensor, margin: float, height: int, width: int, n_faces: int):
-    """Pixel centres within ``margin`` of the screen bounding boxes of view-faces ``chunk``.
+def _face_fragments(q_flat: Tensor, chunk: Tensor, height: int, width: int, n_faces: int):
+    """Pixel centres inside the screen bounding boxes of view-faces ``chunk``.
 
     Returns view-face ids (M,), flat pixel ids (M,) over (views, height, width), centres (M, 2).
     """
     tri = q_flat[chunk]
     limit = torch.tensor([width - 1, height - 1], device=tri.device)
-    lo = torch.ceil(tri.amin(1) - margin - 0.5).long().clamp_min(0)
-    hi = torch.minimum(torch.floor(tri.amax(1) + margin - 0.5).long(), limit)
+    lo = torch.ceil(tri.amin(1) - 0.5).long().clamp_min(0)
+    hi = torch.minimum(torch.floor(tri.amax(1) - 0.5).long(), limit)
     owner, x, y = _fragments(lo, hi)
     fid = chunk[owner]
     pix = (fid // n_faces) * (height * width) + y * width + x
@@ -167,7 +170,7 @@ def visibility(q_tri: Tensor, inv_z: Tensor, valid: Tensor, height: int, width: 
     ids = torch.nonzero(valid.reshape(-1))[:, 0]
     zbest, face = q_tri.new_full((n,), -torch.inf), ids.new_full((n,), -1)
     for chunk in ids.split(faces_per_chunk):
-        fid, pix, p = _face_fragments(q_flat, chunk, 0.0, height, width, Fn)
+        fid, pix, p = _face_fragments(q_flat, chunk, height, width, Fn)
         lam = barycentrics(q_flat[fid], p)
         inside = (lam >= 0).all(-1)
         iz = (lam * iz_flat[fid]).sum(-1)
@@ -175,84 +178,25 @@ def visibility(q_tri: Tensor, inv_z: Tensor, valid: Tensor, height: int, width: 
     return face
 
 
-@dataclass
-class EdgeFragments:
-    """What the soft coverage term needs, over flat pixels (n,): ``nearest`` the face with the
-    largest signed distance to the pixel (or -1), ``saturated`` whether some face covers the pixel
-    by more than the margin, and the fragments (M,) within the margin of a face's boundary at
-    unsaturated pixels: ``face`` ids and ``pixel`` ids."""
-
-    nearest: Tensor
-    saturated: Tensor
-    face: Tensor
-    pixel: Tensor
+def nearest_faces(face: Tensor, steps: int) -> Tensor:
+    """Grow a face-id map (V, h, w) (-1 = empty) outward by ``steps`` pixels: every empty pixel
+    within that (Chebyshev) distance of coverage gets the id of a covered pixel nearest to it."""
+    ids = face.to(torch.float64)[:, None]  # ids are exact in float64; max_pool2d spreads them
+    for _ in range(steps):
+        ids = torch.where(ids >= 0, ids, F.max_pool2d(ids, 3, stride=1, padding=1))
+    return ids[:, 0].long()
 
 
-def silhouette_band(covered: Tensor, radius: float) -> Tensor:
-    """(V, h, w) bool: pixels with both covered and empty pixels within ``radius`` (Chebyshev)."""
-    k = 2 * int(radius + 0.5) + 1
-    c = covered.float()[:, None]
-    grown = F.max_pool2d(c, k, stride=1, padding=k // 2)
-    shrunk = -F.max_pool2d(-c, k, stride=1, padding=k // 2)
-    return (grown != shrunk)[:, 0]
+def soft_edge(q_flat: Tensor, nearest: Tensor, covered: Tensor, sigma: float, height: int, width: int) -> Tensor:
+    """(n,) soft coverage of the empty pixels next to the silhouette, differentiable in q_flat.
 
-
-def edge_fragments(
-    q_tri: Tensor, valid: Tensor, band: Tensor, margin: float, faces_per_chunk: int
-) -> EdgeFragments:
-    """Fragments of the soft term, restricted to the silhouette ``band`` (V, h, w).
-
-    Elsewhere coverage cannot change under small vertex motions (deep inside or far outside),
-    so only faces whose widened bounding box meets the band are visited; a summed-area table of
-    the band finds them in O(F).
+    ``2 sigmoid(d / sigma)`` with d < 0 the signed distance of the pixel to its nearest face
+    (``nearest`` (n,), -1 for none); 0 elsewhere. The factor 2 makes the gradient unbiased for a
+    straight edge: summed over the empty side, d/de sigmoid((x - e) / sigma) integrates to 1/2.
     """
-    V, Fn = valid.shape
-    h, w = band.shape[-2:]
-    n = V * h * w
-    q_flat = q_tri.reshape(-1, 3, 2)
-    ids = torch.nonzero(valid.reshape(-1) & _touches(q_flat, band, margin, Fn))[:, 0]
-    band_flat = band.reshape(-1)
-    sbest, nearest = q_tri.new_full((n,), -torch.inf), ids.new_full((n,), -1)
-    saturated = torch.zeros(n, dtype=torch.bool, device=q_tri.device)
-    faces, pixels = [], []
-    for chunk in ids.split(faces_per_chunk):
-        fid, pix, p = _face_fragments(q_flat, chunk, margin, h, w, Fn)
-        keep = band_flat[pix]
-        fid, pix, p = fid[keep], pix[keep], p[keep]
-        sd = signed_distance(q_flat[fid], p)
-        saturated[pix[sd >= margin]] = True
-        near = sd.abs() < margin
-        sbest, nearest = _merge(sbest, nearest, *_scatter_argmax(sd[near], pix[near], fid[near], n))
-        faces.append(fid[near])
-        pixels.append(pix[near])
-    face = torch.cat(faces) if faces else ids.new_zeros(0)
-    pixel = torch.cat(pixels) if pixels else ids.new_zeros(0)
-    keep = ~saturated[pixel]
-    return EdgeFragments(nearest, saturated, face[keep], pixel[keep])
-
-
-def _touches(q_flat: Tensor, band: Tensor, margin: float, n_faces: int) -> Tensor:
-    """(V * F,) whether each view-face's bounding box widened by ``margin`` holds a band pixel."""
-    V, h, w = band.shape
-    sat = F.pad(band.float().cumsum(1).cumsum(2), (1, 0, 1, 0))  # (V, h + 1, w + 1)
-    lo = torch.ceil(q_flat.amin(1) - margin - 0.5).long()
-    hi = torch.floor(q_flat.amax(1) + margin - 0.5).long()
-    x0, y0 = lo[:, 0].clamp(0, w), lo[:, 1].clamp(0, h)
-    x1, y1 = (hi[:, 0] + 1).clamp(0, w), (hi[:, 1] + 1).clamp(0, h)
-    x1, y1 = torch.maximum(x1, x0), torch.maximum(y1, y0)
-    v = torch.arange(V, device=band.device).repeat_interleave(n_faces)
-    count = sat[v, y1, x1] - sat[v, y0, x1] - sat[v, y1, x0] + sat[v, y0, x0]
-    return count > 0.5
-
-
-def soft_coverage(q_flat: Tensor, frags: EdgeFragments, sigma: float, height: int, width: int) -> Tensor:
-    """(n,) SoftRas aggregate 1 - prod(1 - sigmoid(d / sigma)) per flat pixel, differentiable in
-    q_flat (V * F, 3, 2); saturated pixels are 1 and pixels without near fragments 0."""
-    n = frags.nearest.numel()
-    p = _pixel_centres(frags.pixel, height, width).to(q_flat)
-    sd = signed_distance(q_flat[frags.face], p)
-    log_outside = q_flat.new_zeros(n).index_add(0, frags.pixel, F.logsigmoid(-sd / sigma))
-    return torch.where(frags.saturated, torch.ones_like(log_outside), 1 - torch.exp(log_outside))
+    pix = torch.nonzero(~covered & (nearest >= 0))[:, 0]
+    sd = signed_distance(q_flat[nearest[pix]], _pixel_centres(pix, height, width).to(q_flat))
+    return q_flat.new_zeros(covered.shape).index_put((pix,), 2 * torch.sigmoid(sd / sigma))
 
 
 def project(mesh: Mesh, cams: Cameras) -> tuple[Tensor, Tensor]:
@@ -390,13 +334,10 @@ class MeshRasterizer(Renderer):
         covered = face >= 0
         opacity = covered.to(q)
         if soft_on:
-            margin = SOFT_REACH * sigma
-            with torch.no_grad():
-                band = silhouette_band(covered.reshape(V, h, w), margin)
-                frags = edge_fragments(q_tri.detach(), valid, band, margin, self.settings.faces_per_chunk)
-            soft = soft_coverage(q_tri.reshape(-1, 3, 2), frags, sigma, h, w)
+            nearest = nearest_faces(face.reshape(V, h, w), math.ceil(SOFT_REACH * sigma)).reshape(-1)
+            soft = soft_edge(q_tri.reshape(-1, 3, 2), nearest, covered, sigma, h, w)
             opacity = opacity + soft - soft.detach()
-            face = torch.where(covered, face, frags.nearest)
+            face = nearest
         pix, colour, dist = shade(mesh, p_cam, q, face, covered, h, w)
         n = V * h * w
         rgb = q.new_zeros(n, 3).index_put((pix,), colour * opacity[pix, None])

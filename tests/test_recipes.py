@@ -51,6 +51,11 @@ def registry(monkeypatch):
     return reg
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a recipe that wrongly validated would train into ./runs
+
+
 def write(path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text).lstrip())
@@ -85,10 +90,10 @@ BAD = {
         "aggregator.k",
         ["missing required value"],
     ),
-    "missing-type": (
-        "extends: voxel_minens.yaml\nrepresentation: {upsample: 2}\n",
+    "type-not-a-name": (
+        "extends: voxel_minens.yaml\nrepresentation: {type: [voxel-grid]}\n",
         "representation.type",
-        ["missing or not a name", "voxel-grid (vsd)"],
+        ["missing or not a name (got ['voxel-grid'])", "voxel-grid (vsd)"],
     ),
     "incompatible-renderer": (
         "extends: voxel_minens.yaml\nrepresentation: {type: test-mesh}\n",
@@ -155,9 +160,9 @@ def test_bad_override(tmp_path, capsys):
 
 
 def test_malformed_yaml_names_the_line(tmp_path, capsys):
-    path = write(tmp_path / "broken.yaml", "name: x\ntrain:\n  steps: [1, 2\n")
+    path = write(tmp_path / "broken.yaml", "name: x\ntrain:\n  steps: 5: 6\n")
     code, _, err = run(capsys, "recipe", str(path))
-    assert code == 2 and "malformed YAML at line 3" in err
+    assert code == 2 and "malformed YAML at line 3, column 11: mapping values are not allowed here" in err
 
 
 def test_unknown_recipe_name_lists_shipped_ones(capsys):

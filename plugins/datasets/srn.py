@@ -190,9 +190,14 @@ class SRNDataset(ViewsetDataset):
         super().__init__(settings, split=split)
         s = settings
         self.info = SceneInfo(
-            bound=s.bound, camera_radius=s.camera_radius, fov_deg=s.fov_deg, near=s.near, far=s.far,
-            up_axis=s.up_axis, background=s.background,
-        )  # fmt: skip
+            bound=s.bound,
+            camera_radius=s.camera_radius,
+            fov_deg=s.fov_deg,
+            near=s.near,
+            far=s.far,
+            up_axis=s.up_axis,
+            background=s.background,
+        )
         self.folder = self._split_folder(Path(s.root), s.prefix, split)
         self.objects = sorted(p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not self.objects:
