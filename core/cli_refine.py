@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(300, "--steps", min=0, help="optimisation steps of the refinement"),
         views: int = typer.Option(24, "--views", min=1, help="target views rendered from the sample"),
         size: int = typer.Option(64, "--size", min=4, help="target render size (pixels)"),
+        levels: int = typer.Option(16, "--levels", min=1, help="hash-grid levels"),
         max_resolution: int = typer.Option(128, "--max-resolution", min=2, help="finest hash-grid level"),
         log2_table_size: int = typer.Option(15, "--log2-table-size", min=4, max=24),
         rays: int = typer.Option(4096, "--rays", min=1, help="rays per optimisation step"),
@@ -42,7 +43,7 @@ def register(app: typer.Typer) -> None:
             raise VsdError(f"--format: unknown mesh format {format!r}; choose one of {', '.join(FORMATS)}")
         try:
             settings = RefineSettings(
-                steps=steps, views=views, size=size, max_resolution=max_resolution,
+                steps=steps, views=views, levels=levels, size=size, max_resolution=max_resolution,
                 min_resolution=min(16, max_resolution), log2_table_size=log2_table_size,
                 rays_per_step=rays, implementation=implementation,
             )

@@ -578,7 +578,11 @@ def summarize(rows: list[dict], fingerprint: dict, lpips_status: str, out: Path)
 
 
 def _fmt(x, digits: int = 3) -> str:
-    return "" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+    """Fixed-point with ``digits`` decimals; a float that would print as zero keeps 3 significant digits."""
+    if not isinstance(x, float):
+        return "" if x is None else str(x)
+    fixed = f"{x:.{digits}f}"
+    return f"{x:.3g}" if x != 0 and float(fixed) == 0 else fixed
 
 
 def csv_rows(summary: dict, rows: list[dict]) -> list[dict]:

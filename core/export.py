@@ -89,7 +89,8 @@ def field_to_mesh(
     """Marching-cubes mesh of object ``index`` of ``field`` -> ``trimesh.Trimesh`` in world units.
 
     The density grid is sampled at the centres of a ``resolution``^3 grid over the cube and
-    padded with one empty voxel on every side, so surfaces that reach the cube's faces close.
+    padded with one empty voxel on every side, so surfaces that reach the cube's faces close
+    (on the faces: vertices are kept inside the cube).
     ``threshold``: the density level (1/world-length), default :func:`default_threshold`.
     ``min_component_ratio``: drop components with fewer faces than this share of the largest.
     Faces are oriented outwards; vertex colours come from the field's rgb at the vertices.
@@ -105,7 +106,8 @@ def field_to_mesh(
     verts, faces = mcubes.marching_cubes(grid, level)
     # array axes are (z, y, x); padded index n is the voxel centre n - 1
     xyz = verts[:, ::-1] - 1.0
-    world = field.bound * ((2 * xyz + 1) / resolution - 1)
+    # the padding voxel's centre lies half a voxel outside the cube, where fields are empty anyway
+    world = (field.bound * ((2 * xyz + 1) / resolution - 1)).clip(-field.bound, field.bound)
     mesh = trimesh.Trimesh(world, faces.astype(np.int64), process=False)
     if len(faces) and mesh.is_watertight and mesh.volume < 0:
         mesh.invert()

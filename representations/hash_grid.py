@@ -65,10 +65,6 @@ def spatial_hash(ijk: Tensor, table_size: int) -> Tensor:
     return torch.remainder(h, table_size)
 
 
-# The 8 corners of a cell as (dx, dy, dz) offsets, bit 0 = x.
-_CORNERS = torch.tensor([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)])
-
-
 class HashEncoding(nn.Module):
     """Multi-resolution hash encoding of points in ``[-bound, bound]^3``.
 
@@ -101,8 +97,6 @@ class HashEncoding(nn.Module):
         self.resolutions = level_resolutions(levels, min_resolution, max_resolution)
         self.dense = [(n + 1) ** 3 <= self.table_size for n in self.resolutions]
         self.register_buffer("_res", torch.tensor(self.resolutions), persistent=False)
-        self.register_buffer("_dense", torch.tensor(self.dense), persistent=False)
-        self.register_buffer("_corners", _CORNERS.clone(), persistent=False)
         self.table = None
         if learnable:
             # small uniform init as in Instant-NGP: features start near zero but not symmetric
@@ -113,42 +107,63 @@ class HashEncoding(nn.Module):
     def out_features(self) -> int:
         return self.levels * self.features
 
-    def index(self, ijk: Tensor, level: int | None = None) -> Tensor:
-        """Integer vertex coordinates (..., L, 3) (or (..., 3) with ``level``) -> table indices.
+    def index(self, ijk: Tensor, level: int) -> Tensor:
+        """Integer vertex coordinates (..., 3) of ``level`` -> table indices (...).
 
         Dense levels use ``i + (N+1) (j + (N+1) k)``, the others :func:`spatial_hash`.
         """
-        res, dense = (self._res, self._dense) if level is None else (self._res[level], self._dense[level])
-        side = res + 1
-        flat = ijk[..., 0] + side * (ijk[..., 1] + side * ijk[..., 2])
-        return torch.where(dense, flat, spatial_hash(ijk, self.table_size))
+        side = self.resolutions[level] + 1
+        if self.dense[level]:
+            return ijk[..., 0] + side * (ijk[..., 1] + side * ijk[..., 2])
+        return spatial_hash(ijk, self.table_size)
 
     def corners(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """points (B, N, 3) world -> table indices (B, N, L, 8) and trilinear weights (B, N, L, 8)."""
-        u = ((points / self.bound + 1) / 2).clamp(0, 1)
-        x = u[..., None, :] * self._res[:, None].to(u)  # (B, N, L, 3)
+        """points (M, 3) world -> table indices (L, 8, M) and trilinear weights (L, 8, M).
+
+        Corner c has offsets ``(c & 1, c >> 1 & 1, c >> 2 & 1)``. Each axis contributes a lower
+        and an upper term, combined by broadcasting, and the points run along the last,
+        contiguous dimension: these are the encoding's largest tensors at training scale, and
+        this layout keeps both their count and the cost of the elementwise kernels down.
+        """
+        u = ((points.t() / self.bound + 1) / 2).clamp(0, 1)  # (3, M)
+        x = u * self._res[:, None, None].to(u)  # (L, 3, M)
         # the last cell also owns the upper face, so u = 1 interpolates instead of overflowing
-        cell = torch.minimum(x.floor().long(), self._res[:, None] - 1)
+        cell = torch.minimum(x.floor().long(), self._res[:, None, None] - 1)
         frac = x - cell
-        ijk = cell[..., None, :] + self._corners  # (B, N, L, 8, 3)
-        w = torch.where(self._corners.bool(), frac[..., None, :], 1 - frac[..., None, :]).prod(-1)
-        return self.index(ijk.movedim(-2, 0)).movedim(0, -1), w
+        lo_hi = cell[:, :, None] + torch.arange(2, device=cell.device)[:, None]  # (L, 3, 2, M)
+        w = torch.stack([1 - frac, frac], 2)  # (L, 3, 2, M)
+
+        def corners8(a: Tensor, op) -> Tensor:  # per-axis (L, 3, 2, M) -> (L, 8, M), x fastest
+            return op(op(a[:, 2, :, None, None], a[:, 1, None, :, None]), a[:, 0, None, None, :]).flatten(1, 3)
+
+        # resolutions grow with the level, so the dense levels are the first ones
+        nd = sum(self.dense)
+        side = self._res[:nd] + 1
+        strides = torch.stack([torch.ones_like(side), side, side * side], -1)[..., None, None]  # (Ld, 3, 1, 1)
+        dense = corners8(lo_hi[:nd] * strides, torch.add)
+        primes = torch.tensor(PRIMES, device=cell.device)[:, None, None]
+        hashed = corners8(lo_hi[nd:] * primes, torch.bitwise_xor).bitwise_and_(self.table_size - 1)
+        return torch.cat([dense, hashed]), corners8(w, torch.mul)
 
     def forward(self, points: Tensor, tables: Tensor | None = None) -> Tensor:
         """points (B, N, 3), tables (B, L, T, F) or None -> features (B, N, L * F), level-major."""
+        B, N, _ = points.shape
+        L, T, Fl = self.levels, self.table_size, self.features
         if tables is None:
             if self.table is None:
                 raise ValueError("HashEncoding: no tables given and the encoding has no table of its own")
-            tables = self.table.expand(points.shape[0], -1, -1, -1)
-        B, N, _ = points.shape
-        L, T, Fl = self.levels, self.table_size, self.features
-        if tables.shape[1:] != (L, T, Fl):
-            raise ValueError(f"HashEncoding: tables must be (B, {L}, {T}, {Fl}), got {tuple(tables.shape)}")
-        idx, w = self.corners(points)
-        idx = idx + (torch.arange(L, device=idx.device) * T)[:, None]  # into the flattened L*T rows
-        rows = tables.reshape(B, L * T, Fl).gather(1, idx.reshape(B, -1, 1).expand(-1, -1, Fl))
-        feat = (rows.reshape(B, N, L, 8, Fl) * w[..., None]).sum(-2)
-        return feat.reshape(B, N, L * Fl)
+            rows, per_object = self.table.reshape(L * T, Fl), 0  # one table shared by the batch
+        else:
+            if tables.shape[1:] != (L, T, Fl):
+                raise ValueError(f"HashEncoding: tables must be (B, {L}, {T}, {Fl}), got {tuple(tables.shape)}")
+            rows, per_object = tables.reshape(B * L * T, Fl), L * T
+        idx, w = self.corners(points.reshape(B * N, 3))
+        # row of (object b, level l, entry i) in the flattened tables; points are b-major
+        offset = torch.arange(L, device=idx.device)[:, None] * T + torch.arange(B, device=idx.device).repeat_interleave(N) * per_object
+        # index_select: its backward is a scatter-add (embedding's sorts the indices first)
+        feat = rows.index_select(0, (idx + offset[:, None]).reshape(-1)).reshape(L, 8, B * N, Fl)
+        feat = (feat * w[..., None]).sum(1)  # (L, M, F)
+        return feat.reshape(L, B, N, Fl).permute(1, 2, 0, 3).reshape(B, N, L * Fl)
 
     # ---- filling tables from a feature volume ------------------------------------------------------
     def vertices(self, level: int, device=None) -> tuple[Tensor, Tensor]:

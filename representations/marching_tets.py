@@ -124,7 +124,7 @@ def marching_tets(
     Returns (verts (N, 3), faces (F, 3) long) with outward winding; see the module docstring.
     ``implementation``: "torch", "kaolin" (CUDA tensors only) or "auto" (kaolin when it can).
     """
-    if vertices.shape[0] != sdf.shape[0] or sdf.dim() != 1:
+    if sdf.shape != vertices.shape[:1]:
         raise ValueError(f"marching_tets: sdf must be ({vertices.shape[0]},), got {tuple(sdf.shape)}")
     if implementation == "torch":
         return marching_tets_torch(vertices, tets, sdf)

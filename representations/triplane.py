@@ -72,10 +72,10 @@ class AxisReduction(nn.Module):
     def __init__(self, channels: int, resolution: int, dim: int):
         super().__init__()
         self.dim = dim
-        self.score = nn.Conv3d(channels, 1, kernel_size=1)
+        # no bias: the softmax ignores a constant shift, so it would never learn
+        self.score = nn.Conv3d(channels, 1, kernel_size=1, bias=False)
         self.position = nn.Parameter(torch.zeros(resolution))
         nn.init.zeros_(self.score.weight)  # starts as the plain mean; training moves it away
-        nn.init.zeros_(self.score.bias)
 
     def forward(self, volume: Tensor) -> Tensor:
         """volume (B, C, D, D, D) -> (B, C, D, D) with axis ``dim`` collapsed."""

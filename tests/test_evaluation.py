@@ -149,6 +149,14 @@ def test_ambiguity_rule():
     assert ev.ambiguity(ds, 0, front[None][:0]) is None
 
 
+def test_results_file_drops_a_line_torn_by_a_kill(tmp_path):
+    path = tmp_path / ev.RESULTS
+    path.write_text('{"settings": {"samples": 2}}\n{"index": 0, "id": "a"}\n{"index": 1, "id"')
+    header, rows = ev.read_results(path)
+    assert header == {"samples": 2} and list(rows) == [0]
+    assert path.read_text().endswith('"a"}\n')  # the next append starts on a fresh line
+
+
 # ---- on a trained checkpoint ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

@@ -98,7 +98,7 @@ BAD = {
     "incompatible-renderer": (
         "extends: voxel_minens.yaml\nrepresentation: {type: test-mesh}\n",
         "renderer.type",
-        ["renderer 'volume' draws field", "'test-mesh' is a mesh", "none installed"],
+        ["renderer 'volume' draws field", "'test-mesh' is a mesh", "use one of: "],
     ),
     "unknown-section": (
         "extends: voxel_minens.yaml\ntrian: {steps: 5}\n",
@@ -140,6 +140,13 @@ def test_bad_recipe_exits_2_naming_file_and_key(tmp_path, capsys, case):
     assert_one_paragraph_naming(err, path, key, out)
     for fragment in fragments:
         assert fragment in err, (fragment, err)
+
+
+def test_incompatible_renderer_suggests_the_ones_that_fit(tmp_path, capsys, registry):
+    path = write(tmp_path / "mesh.yaml", "extends: voxel_minens.yaml\nrepresentation: {type: test-mesh}\n")
+    code, _, err = run(capsys, "recipe", str(path))
+    fits = sorted(n for n, i in registry.plugins["renderer"].items() if "mesh" in i.cls.accepts)
+    assert code == 2 and err.rstrip().endswith("use one of: " + (", ".join(fits) or "none installed"))
 
 
 def test_extends_cycle(tmp_path, capsys):

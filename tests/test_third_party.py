@@ -30,6 +30,17 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "examples" / "gaussian_blobs_plugin"
 
 
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 0.0) -> None:
+    """Elementwise |actual - expected| <= atol + rtol |expected|, with the worst offender reported.
+
+    (torch.testing.assert_close would do, but its first call imports torch.distributed: seconds.)
+    """
+    expected = expected.to(actual)
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    excess = (actual - expected).abs() - (atol + rtol * expected.abs())
+    assert not (excess > 0).any(), f"off by up to {excess.max().item():.3g} beyond tolerance:\n{actual}\n!=\n{expected}"
+
+
 def _has_entry_point() -> bool:
     try:
         dist = md.distribution("vsd-gaussian-blobs")
@@ -177,8 +188,8 @@ def test_blob_density_and_colour(blobs):
     c = torch.tensor([0.1, -0.2, 0.3])
     pts = torch.stack([c, c + torch.tensor([0.1, 0, 0]), c + torch.tensor([0.1, 0.2, 0]), c + torch.tensor([0, 0, -0.8])])
     sigma, rgb = f.query(pts[None])
-    torch.testing.assert_close(sigma[0], 4.0 * torch.exp(torch.tensor([0.0, -0.5, -1.0, -2.0])), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(rgb[0], torch.tensor([0.2, 0.4, 0.6]).expand(4, 3))
+    assert_close(sigma[0], 4.0 * torch.exp(torch.tensor([0.0, -0.5, -1.0, -2.0])), rtol=1e-4, atol=1e-6)
+    assert_close(rgb[0], torch.tensor([0.2, 0.4, 0.6]).expand(4, 3))
     # Outside the cube, no density.
     assert f.query(torch.tensor([[[1.01, 0.0, 0.0], [0.0, -1.2, 0.3]]]))[0].eq(0).all()
 
@@ -195,10 +206,10 @@ def test_two_blobs_mix_colours_by_density(blobs):
     sigma, rgb = f.query(pts)
     g = math.exp(-0.5 * (0.2 / 0.1) ** 2)
     assert sigma[0, 0].item() == pytest.approx(4 * g, rel=1e-4)
-    torch.testing.assert_close(rgb[0, 0], torch.tensor([0.75, 0.0, 0.25]), atol=1e-5, rtol=0)
+    assert_close(rgb[0, 0], torch.tensor([0.75, 0.0, 0.25]), atol=1e-5, rtol=0)
     assert sigma[0, 1].item() == pytest.approx(3 + math.exp(-0.5 * 16), rel=1e-4)
     # Far from both: still a colour in [0, 1] (the nearer blob's), not 0/0.
-    torch.testing.assert_close(rgb[0, 2], torch.tensor([0.0, 0.0, 1.0]), atol=1e-4, rtol=0)
+    assert_close(rgb[0, 2], torch.tensor([0.0, 0.0, 1.0]), atol=1e-4, rtol=0)
 
 
 def test_expanded_distance_matches_the_direct_formula(blobs):
@@ -209,7 +220,7 @@ def test_expanded_distance_matches_the_direct_formula(blobs):
     f = blobs.BlobField(centres, scales, amps, torch.rand(2, 5, 3, generator=g), bound=1.0)
     pts = torch.rand(2, 40, 3, generator=g) * 2 - 1
     direct = (amps[:, None] * torch.exp(-0.5 * (((pts[:, :, None] - centres[:, None]) / scales[:, None]) ** 2).sum(-1))).sum(-1)
-    torch.testing.assert_close(f.query(pts)[0], direct, rtol=1e-3, atol=1e-6)
+    assert_close(f.query(pts)[0], direct, rtol=1e-3, atol=1e-6)
 
 
 def test_rendered_opacity_is_one_minus_exp_of_the_line_integral(blobs):
@@ -228,7 +239,7 @@ def test_rendered_opacity_is_one_minus_exp_of_the_line_integral(blobs):
     expected = 3.0 + s * (w * z).sum() / w.sum()
     assert expected < 3.0 - 0.01  # the near half of the blob is seen more than the far half
     assert (depth / opacity).item() == pytest.approx(expected.item(), abs=2e-3)
-    torch.testing.assert_close(out["rgb"][0, 0, :, 2, 2], torch.tensor([0.2, 0.4, 0.6]) * opacity, atol=1e-5, rtol=0)
+    assert_close(out["rgb"][0, 0, :, 2, 2], torch.tensor([0.2, 0.4, 0.6]) * opacity, atol=1e-5, rtol=0)
 
 
 def test_settings_and_predicted_ranges(blobs):

@@ -96,7 +96,7 @@ def test_reduction_keeps_a_volume_constant_along_the_axis_and_is_learned():
     red = rep.reduce["xy"]
     with torch.no_grad():
         red.score.weight.zero_()
-        red.score.weight[0, 0] = 50.0
+        red.score.weight[0, 0] = 500.0
         red.position.zero_()
     vol = torch.randn(1, C, D, D, D)
     out = red(vol)

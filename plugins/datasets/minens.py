@@ -178,9 +178,15 @@ class MinensDataset(ViewsetDataset):
 
     @staticmethod
     def _skin_files(folder: Path, split: str) -> list[Path]:
-        """Skins of a folder, split 80/10/10 by sorted position (all of them if fewer than 10)."""
+        """Skins of a folder, split 80/10/10 by sorted position (all of them if fewer than 10);
+        a folder with a sub-folder named after the split uses that sub-folder's skins, all of them."""
         if not folder.is_dir():
             raise ValueError(f"skins must be 'procedural' or a folder of PNG skins; {folder} is not a folder")
+        if (folder / split).is_dir():
+            files = sorted((folder / split).glob("*.png"))
+            if not files:
+                raise ValueError(f"skins folder {folder / split} has no .png files")
+            return files
         files = sorted(folder.glob("*.png"))
         if not files:
             raise ValueError(f"skins folder {folder} has no .png files")
