@@ -53,7 +53,9 @@ class FreeHashField(nn.Module, Field):
     """One object's radiance field: a learnable hash encoding + MLP (batch size 1).
 
     ``query(points (1, N, 3)) -> sigma (1, N), rgb (1, N, 3)``; density follows the
-    representations' convention with the finest level's cell as the unit.
+    representations' convention with the finest level's cell as the unit. With
+    ``implementation`` tcnn (CUDA) only the encoding runs on tiny-cuda-nn; the small decoder
+    stays a torch MLP, so both paths share everything but the table lookup.
     """
 
     batch_size = 1

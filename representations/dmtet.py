@@ -112,8 +112,10 @@ class DMTet(Representation):
 
     def __init__(self, settings: Settings, *, in_channels: int, resolution: int, bound: float):
         super().__init__(settings, in_channels=in_channels, resolution=resolution, bound=bound)
-        self.geometry = _mlp(in_channels, settings.hidden, 4)  # sdf, offset xyz
-        self.colour = _mlp(in_channels, settings.hidden, 3)
+        # Both MLPs also see the point's position (over bound), so that a shape or colour shared
+        # by all objects (the mean silhouette) needs no positional code in the feature volume.
+        self.geometry = _mlp(in_channels + 3, settings.hidden, 4)  # sdf, offset xyz
+        self.colour = _mlp(in_channels + 3, settings.hidden, 3)
         nn.init.normal_(self.geometry[-1].weight, std=HEAD_INIT_STD)
         nn.init.zeros_(self.geometry[-1].bias)
 
@@ -126,7 +128,7 @@ class DMTet(Representation):
         s, b = self.settings, self.bound
         g = self.grid(volume.device)
         base = g.vertices.to(volume.dtype).expand(volume.shape[0], -1, -1)
-        raw = self.geometry(sample_volume(volume, base, b))  # (B, M, 4)
+        raw = self.geometry(self._inputs(volume, base))  # (B, M, 4)
         prior = base.norm(dim=-1) - s.init_radius * b if s.init_radius > 0 else 0.0
         sdf = prior + s.sdf_scale * b * raw[..., 0]
         sdf = torch.where(g.boundary, sdf.clamp_min(SHELL_SDF * b), sdf)
@@ -139,9 +141,13 @@ class DMTet(Representation):
         meshes = []
         for b in range(volume.shape[0]):
             verts, faces = marching_tets(f.vertices[b], f.grid.tets, f.sdf[b], self.settings.implementation)
-            feats = sample_volume(volume[b : b + 1], verts[None], self.bound)[0]
-            meshes.append(Mesh(verts, faces, torch.sigmoid(self.colour(feats))))
+            colour = torch.sigmoid(self.colour(self._inputs(volume[b : b + 1], verts[None])[0]))
+            meshes.append(Mesh(verts, faces, colour))
         return meshes
+
+    def _inputs(self, volume: Tensor, points: Tensor) -> Tensor:
+        """MLP inputs (B, N, C + 3): features at world points (B, N, 3) and the points / bound."""
+        return torch.cat([sample_volume(volume, points, self.bound), points / self.bound], -1)
 
     def sdf_regulariser(self, volume: Tensor) -> Tensor:
         """Scalar :func:`sdf_sign_regulariser` of this volume's SDF (an optional extra loss)."""

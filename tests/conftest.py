@@ -13,7 +13,6 @@ TINY = [
     "model.channel_mult=[1, 2]",
     "model.time_dim=16",
     "model.out_channels=8",
-    "renderer.samples=8",
     "train.steps=2",
     "train.batch_size=2",
     "train.log_every=1",

@@ -91,12 +91,12 @@ def test_shapes_upsample_and_density_grid():
 
 
 def test_untrained_density_head_starts_at_the_bias():
-    assert torch.equal(make().density_head.bias, torch.tensor([-1.0]))
-    rep = make(density_bias=-3.0, hidden_channels=0)
+    assert torch.equal(make().density_head.bias, torch.tensor([-3.0]))
+    rep = make(density_bias=-1.5, hidden_channels=0)
     field = rep(torch.zeros(1, C, D, D, D))
     # Zero input: every voxel holds softplus(bias) optical depth per voxel side.
     per_voxel = field.grid[0, 0] * (2 * BOUND / D)
-    torch.testing.assert_close(per_voxel, F.softplus(torch.tensor(-3.0)).expand(D, D, D))
+    torch.testing.assert_close(per_voxel, F.softplus(torch.tensor(-1.5)).expand(D, D, D))
 
 
 @pytest.mark.parametrize("settings", [dict(upsample=2, hidden_channels=8), dict(upsample=2, hidden_channels=0), {}])
