@@ -6,3 +6,10 @@ aggregator, representation, renderer, dataset) is a plugin chosen by name in a Y
 """
 
 __version__ = "0.1.0"
+
+
+def load(path_or_name, device: str = "auto", ema: bool = True):
+    """A sampling pipeline from a checkpoint, run directory or shipped model name; see :mod:`vsd.api`."""
+    from .api import load as _load
+
+    return _load(path_or_name, device=device, ema=ema)

@@ -124,7 +124,7 @@ def _register_command_modules() -> None:
         mod.register(app)
 
 
-COMMAND_MODULES = ("cli_eval", "cli_data", "cli_export", "cli_refine")
+COMMAND_MODULES = ("cli_eval", "cli_data", "cli_export", "cli_refine", "cli_sweep")
 _register_command_modules()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -116,13 +115,14 @@ def minens(
     views: int = typer.Option(24, "--views", min=1, help="views per character"),
     size: int = typer.Option(48, "--size", min=8, help="image size in pixels"),
     seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(2, "--workers", min=1, help="characters rendered in parallel (processes)"),
 ) -> None:
     """Minens characters wearing skins composed from the minetest character-creator layers (Debian
     package minetest-mod-character-creator), posed at random, in the SRN layout; the skins are
     written to ROOT/skins/{train,val,test} (usable as MinensDataset's `skins: ROOT/skins`)."""
     from ..plugins.datasets.character_creator import build_minens
 
-    stats = build_minens(root, objects=objects, views=views, size=size, seed=seed)
+    stats = build_minens(root, objects=objects, views=views, size=size, seed=seed, workers=workers)
     _summary(
         f"Minens characters in {root}",
         stats["objects"],

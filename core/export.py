@@ -20,34 +20,6 @@ from ..representations.base import Field, Mesh
 FORMATS = ("glb", "ply", "obj")
 
 
-def sample_scenes(
-    model,
-    num_samples: int,
-    *,
-    input_image: str | Path | None = None,
-    views: int | None = None,
-    seed: int = 0,
-    steps: int | None = None,
-    guidance: float | None = None,
-    elevation: float = 0.0,
-):
-    """Draw ``num_samples`` objects from a model, as ``vsd-run sample`` does: conditioned on
-    ``input_image`` seen from the front, or unconditional. Returns the final Prediction, whose
-    ``scene`` is the batch of sampled 3D objects."""
-    from .media import load_image
-    from .sampling import ring_cameras
-
-    V = views or (model.recipe.data.settings.views - model.recipe.train.heldout_views)
-    cond = None
-    if input_image is not None:
-        V = max(V, 2)
-        img = load_image(input_image, model.recipe.data.settings.image_size)
-        cond = img[None, None].expand(num_samples, 1, *img.shape).to(next(model.parameters()).device)
-    cams = ring_cameras(model, V, num_samples, elevation=elevation)
-    gen = torch.Generator().manual_seed(seed)
-    return model.sample(cams, cond, steps=steps, guidance=guidance, generator=gen)
-
-
 def default_threshold(bound: float) -> float:
     """Density (1/world-length) at which a slab 1/32 of the cube's side is 50 % opaque."""
     return math.log(2.0) * 32 / (2 * bound)
@@ -209,7 +181,9 @@ def export_to_files(
     """Sample ``num_samples`` objects and write one mesh each, ``sample_<i>.<format>``."""
     if format not in FORMATS:
         raise ValueError(f"unknown mesh format {format!r}: choose one of {', '.join(FORMATS)}")
-    pred = sample_scenes(model, num_samples, input_image=input_image, seed=seed, steps=steps, guidance=guidance)
-    meshes = scene_to_meshes(pred.scene, resolution, threshold, min_component_ratio)
+    from .sampling import sample
+
+    result = sample(model, input_image=input_image, num_samples=num_samples, seed=seed, steps=steps, guidance=guidance)
+    meshes = scene_to_meshes(result.scene, resolution, threshold, min_component_ratio)
     out = Path(out_dir)
     return [export_mesh(m, out / f"sample_{i}.{format}", format) for i, m in enumerate(meshes)]

@@ -21,9 +21,8 @@ from ..representations.hash_grid import density_from_raw, free_hash_encoding
 from ..representations.triplane import mlp
 from .cameras import Cameras
 from .engine import ViewsetDiffusion
-from .export import export_mesh, field_to_mesh, sample_scenes
+from .export import export_mesh, field_to_mesh
 from .media import save_grid, save_video
-from .sampling import ring_cameras
 from .settings import Settings
 
 
@@ -89,11 +88,12 @@ def target_cameras(model: ViewsetDiffusion, settings: RefineSettings) -> Cameras
     """(1, V) ring cameras over the elevations; each ring is turned by half a step from the last."""
     E = len(settings.elevations)
     per = max(1, settings.views // E)
-    rings = [
-        ring_cameras(model, per, 1, azimuth0=i * 180.0 / (per * E), elevation=e, size=settings.size)
-        for i, e in enumerate(settings.elevations)
-    ]
-    return Cameras(torch.cat([c.c2w for c in rings], 1), torch.cat([c.K for c in rings], 1), settings.size, settings.size)
+    from ..api import Pipeline
+
+    pipe = Pipeline(model)
+    rings = [pipe.orbit(per, azimuth0=i * 180.0 / (per * E), elevation=e, size=settings.size) for i, e in enumerate(settings.elevations)]
+    dev = next(model.parameters()).device
+    return Cameras(torch.cat([c.c2w for c in rings])[None].to(dev), torch.cat([c.K for c in rings])[None].to(dev), settings.size, settings.size)
 
 
 @torch.no_grad()
@@ -219,7 +219,9 @@ def refine_to_files(
     the photometric loss before and after."""
     s = settings or RefineSettings()
     out = Path(out_dir)
-    pred = sample_scenes(model, 1, input_image=input_image, seed=seed, steps=sample_steps, guidance=guidance)
+    from .sampling import sample
+
+    pred = sample(model, input_image=input_image, num_samples=1, seed=seed, steps=sample_steps, guidance=guidance)
     result = refine_scene(model, pred.scene, s, generator=torch.Generator().manual_seed(seed), progress=progress)
     renderer = VolumeRenderer(VolumeRenderer.Settings(samples=s.samples, implementation="torch")).to(result.field.device).eval()
     bg = model.background(1, result.field.device)

@@ -23,7 +23,7 @@ from . import distributed
 from .checkpoint import info_to_dict, load_checkpoint, save_run_checkpoint
 from .engine import ViewsetDiffusion
 from .errors import VsdError
-from .media import save_grid, save_video
+from .media import save_grid
 from .recipe import Recipe
 from .distributed import select_device  # noqa: F401  (re-exported)
 from .viewset import Viewset, collate_viewsets
@@ -76,28 +76,11 @@ def write_samples(model: ViewsetDiffusion, batch: Viewset, out_dir: Path, tag: s
         "unconditional": save_grid(((uncond.x0 + 1) / 2).cpu(), out_dir / f"{tag}_uncond.png", upscale=2),
     }
     if turntable:
-        frames = render_turntable(model, cond.scene, batch.batch_size)
-        # objects side by side in one video
-        files["turntable"] = save_video(torch.cat(list(frames), dim=-1), out_dir / f"{tag}_turntable.gif", upscale=2)
+        from ..api import Pipeline, Result
+
+        result = Result(Pipeline(model), cond.scene, (cond.x0 + 1) / 2, batch.cameras)
+        files["turntable"] = result.turntable(out_dir / f"{tag}_turntable.gif")
     return files
-
-
-@torch.no_grad()
-def render_turntable(model: ViewsetDiffusion, scene, batch: int, frames: int | None = None, size: int | None = None) -> torch.Tensor:
-    """Render each of the ``batch`` objects of ``scene`` from a circle of cameras -> (B, F, 3, S, S) in [0, 1]."""
-    from .cameras import Cameras
-
-    s, info = model.recipe.sample, model.info
-    size = size or s.render_size or model.recipe.data.settings.image_size
-    cams = Cameras.orbit(
-        frames or s.turntable_frames, info.camera_radius, s.turntable_elevation, fov_deg=info.fov_deg, height=size, width=size, up_axis=info.up_axis
-    ).to(next(model.parameters()).device)
-    F = cams.shape[0]
-    cams = Cameras(cams.c2w[None].expand(batch, F, 4, 4), cams.K[None].expand(batch, F, 4), size, size)
-    out = []
-    for i in range(0, F, 8):  # a few frames at a time bounds memory
-        out.append(model.render(scene, cams[:, i : i + 8])["rgb"])
-    return torch.cat(out, 1).cpu()
 
 
 class _LossModule(nn.Module):

@@ -46,7 +46,8 @@ def vsd_renderers():
 
 @hookimpl
 def vsd_datasets():
+    from .datasets.co3d import CO3DDataset
     from .datasets.minens import MinensDataset
     from .datasets.srn import SRNDataset
 
-    return {"minens": MinensDataset, "srn": SRNDataset}
+    return {"minens": MinensDataset, "srn": SRNDataset, "co3d": CO3DDataset}

@@ -284,3 +284,54 @@ def test_minens_from_layers_writes_views_and_split_skins(tmp_path):
     test_set = MinensDataset(MinensDataset.Settings(skins=str(root / "skins"), image_size=8, views=1, num_objects=2), split="test")
     assert test_set.skin_files == [root / "skins" / "test" / "test-000000.png"]
     assert test_set[0]["images"].shape == (1, 3, 8, 8)
+
+
+# ---- preparing a recipe's dataset ---------------------------------------------------------------
+def test_ensure_dataset_runs_the_named_preparer_once(tmp_path, monkeypatch):
+    from vsd.core.errors import RecipeError
+    from vsd.plugins.datasets import prepare
+
+    calls = []
+    monkeypatch.setitem(prepare.PREPARERS, "fake", lambda root: (calls.append(root), _srn(root)))
+    raw = {"data": {"type": "srn", "root": str(tmp_path / "d"), "prepare": "fake"}}
+    assert prepare.ensure_dataset(raw) is True and calls == [tmp_path / "d"]
+    assert prepare.ensure_dataset(raw) is False and len(calls) == 1  # split folders exist now
+    assert prepare.ensure_dataset({"data": {"type": "srn", "root": str(tmp_path / "e")}}) is False
+    with pytest.raises(RecipeError, match=r"data\.prepare.*'nope'.*fake.*torcs-cars"):
+        prepare.ensure_dataset({"data": {"type": "srn", "root": str(tmp_path / "e"), "prepare": "nope"}})
+
+
+def test_cars_without_apt_says_what_to_do_instead(tmp_path, monkeypatch, capsys):
+    from vsd.plugins.datasets import debian
+
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
+    assert main(["data", "cars", str(tmp_path / "cars")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "`apt-get` is not available" in err and "torcs-data" in err
+    assert "render-meshes" in err and "data.root" in err and str(tmp_path / "cars" / ".cache") in err
+
+
+def test_extract_deb_writes_only_matching_members(tmp_path):
+    import io
+    import tarfile
+
+    from vsd.plugins.datasets.debian import extract_deb
+
+    def tar_bytes(files: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    def ar_member(name: str, data: bytes) -> bytes:
+        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+        return header + data + (b"\n" if len(data) % 2 else b"")
+
+    data = tar_bytes({"./usr/share/a/keep.txt": b"yes", "./usr/share/a/skip.bin": b"no", "./etc/x.txt": b"no"})
+    deb = tmp_path / "p_1_all.deb"
+    deb.write_bytes(b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", data))
+    written = extract_deb(deb, tmp_path / "out", ["usr/share/*/*.txt"])
+    assert written == [tmp_path / "out" / "usr/share/a/keep.txt"] and written[0].read_bytes() == b"yes"

@@ -187,51 +187,93 @@ def render_character(skin: Tensor, pose: Pose, views: int, size: int, seed: int)
     return rgb, cams
 
 
-def build_minens(root: str | Path, *, objects: int = 1000, views: int = 24, size: int = 48, seed: int = 0, progress: bool = True, layers: str | Path | None = None) -> dict:
-    """Compose skins, render the characters into ``root`` (resumable) and write the skins.
+@dataclass(frozen=True)
+class _Character:
+    root: str
+    textures: str
+    layers: tuple[str, ...]  # bottom to top
+    choice: SkinChoice
+    split: str
+    index: int
+    views: int
+    size: int
+    seed: int
+
+
+def _make_character(c: _Character) -> bool:
+    """Compose, save and (unless complete) render one character; True if it was rendered."""
+    from .srn import write_srn_object
+
+    root, object_id = Path(c.root), f"{c.split}-{c.index:06d}"
+    skin = compose(c.textures, list(c.layers))
+    save_skin(skin, root / "skins" / c.split / f"{object_id}.png")
+    folder = root / f"{PREFIX}_{c.split}" / object_id
+    if object_complete(folder, c.views):
+        return False
+    rng = np.random.default_rng([c.seed, SPLIT_INDEX[c.split], c.index])
+    pose = Pose.random(rng)
+    rgb, cams = render_character(skin, pose, c.views, c.size, int(rng.integers(2**62)))
+    folder.mkdir(parents=True, exist_ok=True)
+    facts = {**asdict(c.choice), **asdict(pose)}
+    (folder / "character.txt").write_text("".join(f"{key} {value}\n" for key, value in facts.items()))
+    write_srn_object(root, c.split, object_id, rgb, cams.c2w, cams.K[0], (c.size, c.size), prefix=PREFIX)
+    return True
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # processes beat threads for many small renders, above all on a busy machine
+
+
+def build_minens(
+    root: str | Path, *, objects: int = 1000, views: int = 24, size: int = 48, seed: int = 0, workers: int = 1,
+    progress: bool = True, layers: str | Path | None = None,
+) -> dict:  # fmt: skip
+    """Compose skins, render the characters into ``root`` (resumable) and write the skins,
+    ``workers`` processes at a time.
 
     ``layers``: a folder holding ``init.lua`` and ``textures/`` to use instead of the package.
     Returns objects / views per split, ``skins``, ``order``, ``rendered``, ``seconds``, ``bytes``.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    import multiprocessing as mp
 
-    from .srn import write_srn_object
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     root = Path(root)
     mod = Path(layers) if layers is not None else layer_folder(root / ".cache")
     order = stacking_order((mod / "init.lua").read_text(errors="replace"))
     catalogue = LayerCatalogue(mod / "textures")
     sizes = split_sizes(objects)
-    choices = distinct_choices(catalogue, objects, seed)
-    start, rendered, k = time.perf_counter(), 0, 0
+    choices = iter(distinct_choices(catalogue, objects, seed))
+    tasks = []
+    for split, n in sizes.items():
+        (root / "skins" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            choice = next(choices)
+            layer_files = tuple(choice.files()[c] for c in order)
+            tasks.append(_Character(str(root), str(mod / "textures"), layer_files, choice, split, i, views, size, seed))
+    start, rendered = time.perf_counter(), 0
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task(f"characters into {root}", total=objects)
-        for split, n in sizes.items():
-            (root / "skins" / split).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                choice, k = choices[k], k + 1
-                object_id = f"{split}-{i:06d}"
-                files = choice.files()
-                skin = compose(mod / "textures", [files[c] for c in order])
-                save_skin(skin, root / "skins" / split / f"{object_id}.png")
-                folder = root / f"{PREFIX}_{split}" / object_id
-                if not object_complete(folder, views):
-                    rng = np.random.default_rng([seed, SPLIT_INDEX[split], i])
-                    pose = Pose.random(rng)
-                    rgb, cams = render_character(skin, pose, views, size, int(rng.integers(2**62)))
-                    folder.mkdir(parents=True, exist_ok=True)
-                    (folder / "character.txt").write_text(
-                        "".join(f"{key} {value}\n" for key, value in {**asdict(choice), **asdict(pose)}.items())
-                    )
-                    write_srn_object(root, split, object_id, rgb, cams.c2w, cams.K[0], (size, size), prefix=PREFIX)
-                    rendered += 1
+    pool = mp.get_context("spawn").Pool(workers, initializer=_one_thread) if workers > 1 else None
+    threads = torch.get_num_threads()
+    try:
+        if pool is None:
+            _one_thread()
+        results = pool.imap_unordered(_make_character, tasks, chunksize=4) if pool else map(_make_character, tasks)
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task(f"characters into {root}", total=len(tasks))
+            for done in results:
+                rendered += int(done)
                 bar.update(task, advance=1)
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     folders = [root / f"{PREFIX}_{s}" for s in sizes] + [root / "skins"]
     return {
         "objects": sizes,
         "views": {s: n * views for s, n in sizes.items()},
-        "skins": len(choices),
+        "skins": objects,
         "order": order,
         "rendered": rendered,
         "seconds": time.perf_counter() - start,
