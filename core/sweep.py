@@ -628,11 +628,32 @@ def run_sweep(sweep: Sweep, *, workers: int = 1, executor: Literal["local", "ray
         write_results(sweep, plot=False)
 
     try:
-        if jobs:
-            EXECUTORS[executor](jobs, max(1, workers), threads, on_start, on_end)
+        with _sigterm_interrupts():
+            if jobs:
+                EXECUTORS[executor](jobs, max(1, workers), threads, on_start, on_end)
     finally:
         rows = write_results(sweep)
     return rows
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM stops a sweep like Ctrl-C: workers are asked to checkpoint and stop, results written."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ---- results -------------------------------------------------------------------------------

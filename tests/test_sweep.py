@@ -191,7 +191,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
         assert (tmp_path / "agg" / "metric.png").read_bytes()[:4] == b"\x89PNG"
 
     assert main(["sweep", str(path), "--status"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if "done" in line]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│") and " done " in line]
     assert len(lines) == 4  # one table row per run: its axis values, state, step, metric
     for r in sweep.runs:
         assert any(f" {r.values['aggregator.type']} " in line and f" {r.values['seed']} " in line and " 2 " in line for line in lines)
