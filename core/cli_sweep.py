@@ -29,7 +29,7 @@ def sweep_command(
 
     from .cli import err, out
     from .errors import VsdError
-    from .sweep import load_sweep, run_sweep, status_rows
+    from .sweep import SweepInterrupted, load_sweep, run_sweep, status_rows
 
     sweep = load_sweep(file, out_dir)
     if status:
@@ -37,11 +37,14 @@ def sweep_command(
         return
     if executor not in ("local", "ray"):
         raise VsdError(f"--executor must be local or ray, got {executor!r}")
-    rows = run_sweep(sweep, workers=workers, executor=executor, threads=threads,
-                     log=lambda msg: err.print(escape(msg), highlight=False, soft_wrap=True))
+    try:
+        rows = run_sweep(sweep, workers=workers, executor=executor, threads=threads,
+                         log=lambda msg: err.print(escape(msg), highlight=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        raise SweepInterrupted(f"sweep interrupted; the running runs checkpointed. Run `vsd-run sweep {file}` again to resume them") from None
     print_status(sweep, rows)
-    out.print(f"written: {sweep.out / 'results.csv'}, {sweep.out / 'results.md'}" + (f", {sweep.out / 'metric.png'}" if (sweep.out / "metric.png").exists() else ""),
-              markup=False, highlight=False, soft_wrap=True)
+    files = [sweep.out / name for name in ("results.csv", "results.md", "metric.png") if (sweep.out / name).exists()]
+    out.print("written: " + ", ".join(map(str, files)), markup=False, highlight=False, soft_wrap=True)
     failed = [r["run"] for r in rows if r["status"] != "done"]
     if failed:
         raise VsdError(f"{len(failed)} of {len(rows)} runs did not finish ({', '.join(failed)}); their errors are in {sweep.out / 'results.md'}")

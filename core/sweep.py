@@ -107,6 +107,12 @@ class SweepError(VsdError):
         super().__init__(f"{where}: {message}")
 
 
+class SweepInterrupted(VsdError):
+    """The sweep was stopped (Ctrl-C, SIGTERM); its workers checkpointed."""
+
+    exit_code = 130
+
+
 class SweepEval(Settings):
     """The evaluation every run of a sweep gets (the fields of ``vsd-run eval``)."""
 
@@ -235,10 +241,12 @@ def _metrics(data: dict, ev: SweepEval, src: str) -> tuple[str, list[str]]:
     extra = data.get("metrics") or []
     if not isinstance(extra, list):
         raise SweepError(src, "metrics", f"expected a list of metric names, got {extra!r}")
+    shown = ", ".join(n for n in known if not n.startswith(("ambiguous_", "unambiguous_")))
+    if ev.cond_views:
+        shown += " (each also with an ambiguous_ or unambiguous_ prefix)"
     for key, name in [("metric", metric)] + [("metrics", m) for m in extra]:
         if name not in known:
-            shown = [n for n in known if not n.startswith(("ambiguous_", "unambiguous_"))]
-            raise SweepError(src, key, f"unknown metric {name!r}; this evaluation reports: {', '.join(shown)} (also with an ambiguous_ or unambiguous_ prefix)" if ev.cond_views else f"unknown metric {name!r}; unconditional evaluation reports: {', '.join(known)}")
+            raise SweepError(src, key, f"unknown metric {name!r}; this evaluation reports: {shown}")
     defaults = [] if "metrics" in data else [c for c in DEFAULT_COLUMNS if c in known]
     return metric, list(dict.fromkeys([metric, *extra, *defaults]))
 
@@ -623,7 +631,8 @@ def run_sweep(sweep: Sweep, *, workers: int = 1, executor: Literal["local", "ray
             why = "was stopped" if code is None else f"exited with code {code}"
             st = update_status(job.run_dir, state="failed", error=f"the worker process {why} before the run finished; re-run the sweep to resume it")
         value = (st.get("metrics") or {}).get(sweep.metric)
-        tail = f"{sweep.metric} {value:.4g}" if isinstance(value, float) else (st.get("error") or "").splitlines()[0][:300] if st["state"] == "failed" else ""
+        error = (st.get("error") or "").splitlines()[:1]
+        tail = f"{sweep.metric} {value:.4g}" if isinstance(value, float) else (error[0][:300] if error else "")
         log(f"[{next(counter)}/{len(jobs)}] {st['state']} {job.name}: {tail}")
         write_results(sweep, plot=False)
 
@@ -775,6 +784,8 @@ def plot_metric(sweep: Sweep, rows: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     agg = [e for e in aggregate(rows, sweep.axes, [sweep.metric]) if e[sweep.metric]]
+    if not agg:  # nothing finished yet
+        return True
     keys = [a for a in sweep.axes if a != "seed"]
     labels = ["\n".join(f"{k}={format_value(e[k])}" if len(keys) > 1 else format_value(e[k]) for k in keys) or "all" for e in agg]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(agg) + 1), 3.6))

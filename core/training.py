@@ -113,6 +113,11 @@ class Trainer:
         self.device = self.dist.device
         self.quiet = quiet or not self.dist.is_main
         torch.manual_seed(recipe.seed)
+        if self.dist.is_main:
+            from ..plugins.datasets.prepare import ensure_dataset
+
+            ensure_dataset(recipe)
+        distributed.barrier(self.dist)
         self.train_set = build_dataset(recipe, "train")
         self.val_set = build_dataset(recipe, "val")
         if len(self.train_set) == 0:

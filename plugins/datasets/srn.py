@@ -169,6 +169,8 @@ class SRNDataset(ViewsetDataset):
         protocol: Literal["random", "srn-test"] = "random"
         max_objects: int | None = None
         seed: int = 0  # of the per-index view choice in val/test
+        # make the dataset on first use when `root` has no split folders (see datasets/prepare.py)
+        prepare: Literal["torcs-cars", "minens-character-creator"] | None = None
 
         @field_validator("image_size", "views")
         @classmethod
