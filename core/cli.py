@@ -104,8 +104,13 @@ def sample(
     """Draw samples (unconditional, or conditioned on --input) and write PNG grids and turntables."""
     from .sampling import load_model, sample_to_files
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VsdError(f"--out {out_dir} is a file, not a folder; choose a folder for the samples")
     model = load_model(checkpoint)
-    files = sample_to_files(model, out_dir, input_image=input, num_samples=num_samples, views=views, seed=seed, steps=steps, guidance=guidance)
+    try:
+        files = sample_to_files(model, out_dir, input_image=input, num_samples=num_samples, views=views, seed=seed, steps=steps, guidance=guidance)
+    except OSError as exc:
+        raise VsdError(f"cannot write samples to {exc.filename or out_dir}: {exc.strerror or exc}") from None
     for kind, path in files.items():
         out.print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}")
 

@@ -137,10 +137,19 @@ def minens(
 
 
 @data_app.command("check")
-def check(root: Path = typer.Argument(..., help="SRN root to validate")) -> None:
-    """Validate an SRN-layout folder; lists every bad file and exits with 2 if there is any."""
+def check(root: Path = typer.Argument(..., help="SRN or CO3D v2 root to validate")) -> None:
+    """Validate an SRN-layout or CO3D v2 folder; lists every bad file and exits with 2 if there is any."""
     from ..plugins.datasets.check import check_srn
+    from ..plugins.datasets.co3d import check_co3d, is_co3d_root
 
+    if is_co3d_root(root):
+        problems = check_co3d(root)
+        for problem in problems:
+            err.print(escape(str(problem)), highlight=False, soft_wrap=True)
+        if problems:
+            raise DataError(f"{len(problems)} problem(s) in CO3D folder {root}")
+        out.print(f"{root}: ok (CO3D v2)")
+        return
     report = check_srn(root)
     for problem in report.problems:
         err.print(escape(str(problem)), highlight=False, soft_wrap=True)

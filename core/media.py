@@ -95,7 +95,7 @@ def load_image(path: str | Path, size: int) -> Tensor:
     try:
         img = Image.open(path)
         img.load()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")

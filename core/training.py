@@ -10,6 +10,7 @@ import contextlib
 import copy
 import csv
 import math
+import os
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import info_to_dict, load_checkpoint, save_run_checkpoint
 from .engine import ViewsetDiffusion
-from .errors import VsdError
+from .errors import DataError, VsdError
 from .media import save_grid
 from .recipe import Recipe
 from .distributed import select_device  # noqa: F401  (re-exported)
@@ -33,9 +34,13 @@ def build_dataset(recipe: Recipe, split: str):
     return recipe.data.build(split=split)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The seed of every random draw of one training step (data, noise, timesteps)."""
-    return (seed * 1_000_003 + step * 7919) % (2**62)
+def step_seed(seed: int, step: int, attempt: int = 0) -> int:
+    """The seed of every random draw of one training step (data, noise, timesteps).
+
+    ``attempt`` counts the retries of a step skipped for a non-finite loss: a retry must draw a
+    different batch, or a batch that always gives NaN would be drawn again until the run stops.
+    """
+    return (seed * 1_000_003 + step * 7919 + attempt * 104_729) % (2**62)
 
 
 class EMA:
@@ -147,9 +152,16 @@ class Trainer:
         if not self.ckpt_path.parent.exists():
             raise VsdError(f"--resume was given but {self.out} holds no checkpoints")
         state = load_checkpoint(self.out, map_location=self.device)
-        self.model.load_state_dict(state["model"])
-        self.ema.model.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.model.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"checkpoint {state['path']} does not fit this recipe ({first}); resume with the recipe the run "
+                f"was trained with ({self.out / 'recipe.yaml'}), changing only train.* settings"
+            ) from None
         self.step = int(state["step"])
 
     def state(self) -> dict:
@@ -178,7 +190,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimiser step over the global batch (this process's share, in micro-batches)."""
         tr, d = self.recipe.train, self.dist
-        seed = step_seed(self.recipe.seed, self.step)
+        seed = step_seed(self.recipe.seed, self.step, self.skipped)
         total = tr.batch_size * d.world
         idx = torch.randint(len(self.train_set), (total,), generator=torch.Generator().manual_seed(seed)).tolist()
         micro = tr.batch_size // tr.grad_accum
@@ -324,7 +336,9 @@ class _RunLog:
             if not new:  # drop rows past the checkpoint we resumed from
                 rows = path.read_text().splitlines()
                 keep = [rows[0]] + [r for r in rows[1:] if r and int(r.split(",")[0]) <= self.t.step]
-                path.write_text("\n".join(keep) + "\n")
+                tmp = path.with_name(f".{path.name}.tmp")  # a kill here must not lose the log
+                tmp.write_text("\n".join(keep) + "\n")
+                os.replace(tmp, path)
             self.fh = self.t._write(lambda: open(path, "w" if new else "a", newline=""))
             self.w = csv.DictWriter(self.fh, fieldnames=self.FIELDS, extrasaction="ignore")
             if new:

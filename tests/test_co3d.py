@@ -349,3 +349,12 @@ def test_check_co3d(root):
     assert any("s1/pointcloud.ply: point cloud of sequence 's1' not found" in p for p in problems)
     assert any("s1/images/frame000001.jpg: size 10 x 10 but the annotation says 120 x 160" in p for p in problems)
     assert check_co3d(root / "nothing") == [f"{root / 'nothing'}: not a folder"]
+
+
+def test_data_check_command_handles_co3d(root, capsys):
+    from vsd.core.cli import main
+
+    assert main(["data", "check", str(root)]) == 0
+    (root / "hydrant" / "s0" / "masks" / "frame000001.png").unlink()
+    assert main(["data", "check", str(root)]) == 2
+    assert "frame000001.png" in capsys.readouterr().err

@@ -252,7 +252,7 @@ class _Payload:
 def test_a_malicious_pickle_is_refused_without_running_it(trained, tmp_path, capsys):
     marker = tmp_path / "pwned"
     raw = tmp_path / "raw_pickle.pt"
-    raw.write_bytes(pickle.dumps({"format": FORMAT, "step": 1, "model": _Payload(marker)}))
+    raw.write_bytes(pickle.dumps({"format": FORMAT, "step": 1, "model": _Payload(marker)}, protocol=2))
     zipped = tmp_path / "torch_save.pt"
     torch.save({"format": FORMAT, "step": 1, "model": _Payload(marker)}, zipped)
     for evil in (raw, zipped):
@@ -376,7 +376,8 @@ def _typo(word: str, draw) -> str:
     return word[: i + 1] + word[i:]
 
 
-values = st.recursive(
+plausible = st.integers(0, 64) | st.floats(0, 1) | st.booleans() | st.lists(st.integers(1, 4), min_size=1, max_size=3)
+values = plausible | st.recursive(
     st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats() | st.text(max_size=8)
     | st.sampled_from(["auto", "cpu", "1e400", "nan", "[1, 2]", "cosine", "ddim", *PLUGIN_NAMES]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=2),
@@ -391,7 +392,7 @@ def mutated_recipes(draw):
     for _ in range(draw(st.integers(1, 3))):
         sec = draw(st.sampled_from(sorted(KEYS)))
         touched.add(sec)
-        kind = draw(st.sampled_from(["set", "set", "set", "typo", "drop", "section", "type", "new-section"]))
+        kind = draw(st.sampled_from(["set"] * 5 + ["typo", "drop", "section", "type", "new-section"]))
         block = raw.get(sec)
         if kind == "new-section":
             bad = _typo(sec, draw)
@@ -581,7 +582,7 @@ def test_input_images_of_other_modes_and_sizes_are_read(tmp_path):
     Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(tmp_path / "clear.png")
     Image.new("RGB", (40, 24), (0, 255, 0)).save(tmp_path / "wide.jpg")
     gray = load_image(tmp_path / "gray.png", 16)
-    assert gray.shape == (3, 16, 16) and torch.allclose(gray, torch.full_like(gray, 128 / 255 * 2 - 1))
+    assert gray.shape == (3, 16, 16) and torch.allclose(gray, torch.full_like(gray, 128 / 255 * 2 - 1), atol=1e-6)
     clear = load_image(tmp_path / "clear.png", 16)
     assert torch.equal(clear, torch.ones_like(clear))  # transparent pixels over white
     wide = load_image(tmp_path / "wide.jpg", 16)
@@ -605,7 +606,8 @@ def test_bad_input_images_are_named_and_earlier_outputs_survive(trained, tmp_pat
     assert {"samples.png", "turntable.gif", "notes.txt"} <= set(before)
 
     (tmp_path / "text.png").write_text("not an image")
-    (tmp_path / "half.png").write_bytes((tmp_path / "rgba.png").read_bytes()[:70])
+    Image.fromarray(torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy()).save(tmp_path / "noise.png")
+    (tmp_path / "half.png").write_bytes((tmp_path / "noise.png").read_bytes()[:400])
     (tmp_path / "folder.png").mkdir()
     bad = [tmp_path / "text.png", tmp_path / "half.png", tmp_path / "missing.png", tmp_path / "folder.png", _png_bomb(tmp_path / "bomb.png")]
     capsys.readouterr()

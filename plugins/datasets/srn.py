@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import field_validator
 from torch import Tensor
 
@@ -90,6 +90,8 @@ def read_pose(path: Path) -> Tensor:
         raise DataError(f"cannot read pose file {path}: {e}") from None
     if len(values) != 16:
         raise DataError(f"pose file {path}: expected 16 numbers (a 4x4 camera-to-world matrix), found {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise DataError(f"pose file {path}: contains non-finite numbers")
     return torch.tensor(values, dtype=torch.float64).reshape(4, 4).float()
 
 
@@ -130,7 +132,7 @@ def read_image(path: Path, background: tuple[float, float, float]) -> tuple[Tens
         with Image.open(path) as im:
             has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
             pixels = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # Pillow's errors for corrupt files
         raise DataError(f"cannot read image {path}: {e}") from None
     x = torch.from_numpy(pixels).permute(2, 0, 1)
     bg = torch.tensor(background).view(3, 1, 1)
@@ -273,7 +275,10 @@ class SRNDataset(ViewsetDataset):
         bg = _BACKGROUNDS[self.settings.background]
         rgbs, masks, poses = [], [], []
         for k in views:
-            rgb, mask = read_image(obj / "rgb" / f"{names[k]}.png", bg)
+            path = obj / "rgb" / f"{names[k]}.png"
+            rgb, mask = read_image(path, bg)
+            if rgb.shape[-2:] != (H, W):  # the intrinsics would be rescaled wrongly
+                raise DataError(f"{path}: image is {rgb.shape[-2]} x {rgb.shape[-1]} but {obj / 'intrinsics.txt'} says {H} x {W}")
             rgbs.append(_resize(rgb, S))
             masks.append(_resize(mask, S))
             poses.append(read_pose(obj / "pose" / f"{names[k]}.txt"))
