@@ -2,8 +2,9 @@
 
 Guarantees:
 - written to a temporary file, flushed to disk and renamed, so a run killed mid-write keeps its
-  previous checkpoint; a SHA-256 sidecar (``.sha256``) is renamed into place after the data, so a
-  checkpoint without a matching checksum is incomplete or corrupt and is never used;
+  previous checkpoint; a SHA-256 sidecar (``.sha256``) is renamed into place after the data, and a
+  checkpoint whose checksum does not match is corrupt and never used (one whose sidecar is missing,
+  killed between the two renames, is complete and is read);
 - the newest ``keep`` checkpoints of a run are kept (``checkpoints/step_XXXXXXXX.pt``) and
   ``checkpoints/last.pt`` is a hard link to the newest;
 - read with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects, so opening
