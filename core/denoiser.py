@@ -9,6 +9,8 @@ the 3D representation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Callable
 
 import torch
@@ -77,6 +79,20 @@ class _Level(nn.Module):
         return self.attn(x)
 
 
+@dataclass
+class ViewFeatures:
+    """Per-view features: skips[l] (B, V, C_l, D_l, D_l, D_l) per U-Net level; temb (B, V, T)."""
+
+    skips: list[Tensor]
+    temb: Tensor
+
+    @staticmethod
+    def cat(parts: list["ViewFeatures"]) -> "ViewFeatures":
+        """Join along the view axis (aggregation is symmetric in the views, so order is free)."""
+        skips = [torch.cat([p.skips[lv] for p in parts], 1) for lv in range(len(parts[0].skips))]
+        return ViewFeatures(skips, torch.cat([p.temb for p in parts], 1))
+
+
 class Denoiser(nn.Module):
     """Viewset denoiser producing a ``(B, out_channels, D, D, D)`` feature volume.
 
@@ -126,6 +142,14 @@ class Denoiser(nn.Module):
         """images: (B, V, 3, H, W) in [-1, 1]; cameras: (B, V); timesteps: (B, V) long;
         self_cond: (B, V, 3, H, W) in [-1, 1] or None (zeros). Returns (B, out_channels, D, D, D).
         """
+        return self.decode(self.encode_views(images, cameras, timesteps, self_cond))
+
+    def encode_views(
+        self, images: Tensor, cameras: Cameras, timesteps: Tensor, self_cond: Tensor | None = None
+    ) -> "ViewFeatures":
+        """The per-view half of the network (2D encoder, unprojection, 3D U-Net encoder), which
+        depends on nothing but the view itself: features of views whose input does not change
+        (clean conditioning views while sampling) can be computed once and reused."""
         B, V = images.shape[:2]
         temb = self.time_embed(timesteps.reshape(B * V))  # (B*V, T)
         feats = self._view_volumes(images, cameras, temb, self_cond)  # (B*V, base, D, D, D)
@@ -135,9 +159,14 @@ class Denoiser(nn.Module):
             skips.append(feats.reshape(B, V, *feats.shape[1:]))
             if lv < len(self.downsamples):
                 feats = self.downsamples[lv](feats)
+        return ViewFeatures(skips, temb.reshape(B, V, -1))
+
+    def decode(self, views: "ViewFeatures") -> Tensor:
+        """Aggregate across views at every scale and decode one volume per object."""
+        skips = views.skips
         # Views' timesteps differ (clean vs noisy); an elementwise max is symmetric in the views
         # and defined for any V, as the decoder runs once per object.
-        temb_dec = temb.reshape(B, V, -1).amax(dim=1)
+        temb_dec = views.temb.amax(dim=1)
         h = self.mid(self.aggregators[-1](skips[-1], None), temb_dec)
         for lv in reversed(range(len(self.up_levels))):
             h = self.upsamples[lv](h)

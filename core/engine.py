@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..plugins.datasets.base import SceneInfo
 from .cameras import Cameras
-from .denoiser import Denoiser
+from .denoiser import Denoiser, ViewFeatures
 from .recipe import Recipe
 from .schedule import NoiseSchedule, guided_x0, make_scheduler
 from .viewset import Viewset
@@ -95,10 +95,14 @@ class ViewsetDiffusion(nn.Module):
     ) -> Prediction:
         """images (B, V, 3, H, W) in [-1, 1] at ``timesteps`` (B, V); renders at ``render_cameras``
         (B, V', default the input cameras) -> Prediction with x0 (B, V', 3, H, W) in [-1, 1]."""
-        volume = self.denoiser(images, cameras, timesteps, self_cond)
-        scene = self.representation(volume)
-        bg = self.background(images.shape[0], images.device) if background is None else background
-        out = self.renderer(scene, cameras if render_cameras is None else render_cameras, bg)
+        feats = self.denoiser.encode_views(images, cameras, timesteps, self_cond)
+        return self.predict_from_features(feats, cameras if render_cameras is None else render_cameras, background)
+
+    def predict_from_features(self, feats: ViewFeatures, render_cameras: Cameras, background: Tensor | None = None) -> Prediction:
+        """The second half of :meth:`predict`, from per-view features (see Denoiser.encode_views)."""
+        scene = self.representation(self.denoiser.decode(feats))
+        bg = self.background(render_cameras.shape[0], render_cameras.device) if background is None else background
+        out = self.renderer(scene, render_cameras, bg)
         return Prediction(out["rgb"] * 2 - 1, out, scene)
 
     def render(self, scene, cameras: Cameras, background: Tensor | None = None) -> dict:
@@ -146,10 +150,14 @@ class ViewsetDiffusion(nn.Module):
         timesteps = torch.where(clean, 0, t[:, None])
         x_in = torch.where(clean[..., None, None, None], x0, x_t)
 
-        self_cond = None
+        # a clean view's self-conditioning input is the view itself (as in sampling); noisy
+        # views get the model's own estimate half of the time, zeros otherwise
+        clean5 = clean[..., None, None, None]
+        self_cond = torch.where(clean5, x0, torch.zeros_like(x0))
         if use_self_cond:
             with torch.no_grad():
-                self_cond = self.predict(x_in, batch.cameras[:, :V], timesteps, None, background=bg).x0.detach()
+                estimate = self.predict(x_in, batch.cameras[:, :V], timesteps, self_cond, background=bg).x0.detach()
+            self_cond = torch.where(clean5, x0, estimate)
 
         pred = self.predict(x_in, batch.cameras[:, :V], timesteps, self_cond, batch.cameras, bg)
         per_view = ((pred.x0 - target) ** 2).mean(dim=(2, 3, 4))  # (B, Vt)
@@ -191,11 +199,14 @@ class ViewsetDiffusion(nn.Module):
         guidance: float | None = None,
         generator: torch.Generator | None = None,
         progress=None,
+        cache_conditioning: bool = True,
     ) -> Prediction:
         """Draw viewsets at ``cameras`` (B, V); the first k views are clean when
         ``cond_images`` (B, k, 3, H, W) in [-1, 1] is given (k = 0..V-1).
 
         Returns the final Prediction (x0 renders at all V cameras and the 3D scene).
+        ``cache_conditioning`` computes the clean views' per-view features once instead of at
+        every step (same result; see Denoiser.encode_views).
         """
         d = self.recipe.diffusion
         B, V = cameras.shape
@@ -212,23 +223,35 @@ class ViewsetDiffusion(nn.Module):
 
         if self.recipe.train.deterministic:
             ts = torch.where(clean, 0, self.T - 1)
-            return self.predict(cond, cameras, ts, None, background=bg)
+            return self.predict(cond, cameras, ts, cond, background=bg)
 
         w = d.guidance if guidance is None else guidance
         scheduler = make_scheduler(d, self.schedule)
         scheduler.set_timesteps(steps or d.sampling_steps)
         x = torch.randn(B, V, 3, H, W, generator=generator, device="cpu").to(dev)
-        self_cond, pred = None, None
+        # a clean view's self-conditioning input is the view itself, so its input never changes
+        # and (with cache_conditioning) its per-view features are computed once
+        self_cond = cond.clone()
+        zeros = torch.zeros(B, k, dtype=torch.long, device=dev)
+        cached = self.denoiser.encode_views(cond[:, :k], cameras[:, :k], zeros, cond[:, :k]) if k and cache_conditioning else None
+        pred = None
         for i, t in enumerate(scheduler.timesteps.tolist()):
             ts = torch.where(clean, 0, t)
             x_in = torch.where(clean[..., None, None, None], cond, x)
-            pred = self.predict(x_in, cameras, ts, self_cond, background=bg)
+            if cached is not None:
+                noisy = self.denoiser.encode_views(x_in[:, k:], cameras[:, k:], ts[:, k:], self_cond[:, k:])
+                pred = self.predict_from_features(ViewFeatures.cat([cached, noisy]), cameras, bg)
+            else:
+                noisy = None
+                pred = self.predict(x_in, cameras, ts, self_cond, background=bg)
             x0 = pred.x0.clamp(-1, 1) if d.clip_x0 else pred.x0
             if k and w != 0:
-                x0u = self.predict(x_in[:, k:], cameras[:, k:], ts[:, k:], None if self_cond is None else self_cond[:, k:], background=bg).x0
+                if noisy is None:
+                    noisy = self.denoiser.encode_views(x_in[:, k:], cameras[:, k:], ts[:, k:], self_cond[:, k:])
+                x0u = self.predict_from_features(noisy, cameras[:, k:], bg).x0
                 x0[:, k:] = guided_x0(x[:, k:], t, x0[:, k:], x0u, w)
             x = scheduler.step(x0, t, x, prediction_type="sample", eta=d.eta, clip_sample=d.clip_x0, generator=generator).prev_sample
-            self_cond = x0
+            self_cond = torch.where(clean[..., None, None, None], cond, x0)
             if progress is not None:
                 progress(i + 1, len(scheduler.timesteps))
         # DDIM/DDPM end on the last x0-prediction, so the final pass's scene is the sample's 3D

@@ -39,7 +39,8 @@ def test_conditioning_views_pass_through_at_t0(tiny_recipe):
 
     model.predict = spy
     cond = batch.images[:, :1]
-    out = model.sample(batch.cameras, cond, steps=3, generator=torch.Generator().manual_seed(0))
+    # the uncached path feeds every view through predict (the cache gives the same result: below)
+    out = model.sample(batch.cameras, cond, steps=3, generator=torch.Generator().manual_seed(0), cache_conditioning=False)
     assert len(seen) == 3
     for images, ts in seen:
         assert torch.equal(images[:, :1], cond)  # clean view fed unchanged
@@ -103,3 +104,21 @@ def test_deterministic_baseline_single_pass(tiny_recipe):
     v3 = batch.select_views(slice(0, 3))
     model.sample(v3.cameras, v3.images[:, :1], steps=10)
     assert len(calls) == 1
+
+
+def test_conditioning_feature_cache_gives_the_same_samples(tiny_recipe):
+    model, ds = _model(tiny_recipe())
+    model.eval()
+    batch = collate_viewsets([ds[0], ds[1]]).select_views(slice(0, 3))
+    calls = []
+    real = model.denoiser.encode_views
+    model.denoiser.encode_views = lambda images, *a, **k: (calls.append(images.shape[1]), real(images, *a, **k))[1]
+    outs = []
+    for cache in (True, False):
+        calls.clear()
+        out = model.sample(batch.cameras, batch.images[:, :1], steps=4, generator=torch.Generator().manual_seed(3), cache_conditioning=cache)
+        outs.append((out.x0, list(calls)))
+    (cached, calls_cached), (plain, calls_plain) = outs
+    assert calls_cached == [1, 2, 2, 2, 2]  # the clean view is encoded once, the others per step
+    assert calls_plain == [3, 3, 3, 3]
+    assert torch.allclose(cached, plain, atol=1e-4)
