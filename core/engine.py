@@ -153,7 +153,8 @@ class ViewsetDiffusion(nn.Module):
         # a clean view's self-conditioning input is the view itself (as in sampling); noisy
         # views get the model's own estimate half of the time, zeros otherwise
         clean5 = clean[..., None, None, None]
-        self_cond = torch.where(clean5, x0, torch.zeros_like(x0))
+        # (the deterministic baseline has no self-conditioning at all)
+        self_cond = None if tr.deterministic else torch.where(clean5, x0, torch.zeros_like(x0))
         if use_self_cond:
             with torch.no_grad():
                 estimate = self.predict(x_in, batch.cameras[:, :V], timesteps, self_cond, background=bg).x0.detach()
@@ -223,7 +224,7 @@ class ViewsetDiffusion(nn.Module):
 
         if self.recipe.train.deterministic:
             ts = torch.where(clean, 0, self.T - 1)
-            return self.predict(cond, cameras, ts, cond, background=bg)
+            return self.predict(cond, cameras, ts, None, background=bg)
 
         w = d.guidance if guidance is None else guidance
         scheduler = make_scheduler(d, self.schedule)
