@@ -12,6 +12,8 @@ from vsd.core.training import Trainer
 from conftest import TINY
 
 out, *overrides = sys.argv[1:]
+resume = "--resume" in overrides
+overrides = [o for o in overrides if o != "--resume"]
 recipe = load_recipe("voxel_minens.yaml", TINY + overrides)
 
 
@@ -23,7 +25,7 @@ class Recording(Trainer):
         return super()._batch(idx, positions, seed)
 
 
-t = Recording(recipe, out, quiet=True)
+t = Recording(recipe, out, quiet=True, resume=resume)
 t.run()
 rank = t.dist.rank
 params = torch.cat([p.detach().flatten() for p in t.model.parameters()])

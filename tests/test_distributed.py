@@ -64,6 +64,19 @@ def test_two_processes_of_batch_b_match_one_of_batch_2b(ddp_runs):
     assert (g2 - g1).norm() <= 5e-2 * g1.norm()
 
 
+def test_resume_under_ddp_continues_the_same_run(ddp_runs, tmp_path):
+    two, _ = ddp_runs
+    split = tmp_path / "split"
+    _torchrun(2, split, "train.steps=2", "train.batch_size=1")
+    _torchrun(2, split, "train.steps=3", "train.batch_size=1", "--resume")
+    for r in (0, 1):
+        resumed = json.loads((split / f"rank{r}.json").read_text())
+        whole = json.loads((two / f"rank{r}.json").read_text())
+        assert resumed["seen"] == whole["seen"][2:]  # the resumed processes drew step 3's data
+        assert resumed["params"] == pytest.approx(whole["params"], abs=1e-6)
+    assert _losses(split) == pytest.approx(_losses(two), rel=1e-5)
+
+
 def test_gradient_accumulation_matches_the_full_batch(tiny_recipe, tmp_path):
     a = Trainer(tiny_recipe(["train.steps=2", "train.batch_size=2"]), tmp_path / "a", quiet=True)
     a.run()

@@ -271,3 +271,19 @@ def test_settings_and_split_are_checked():
     with pytest.raises(IndexError, match="out of range"):
         MinensDataset(Settings(num_objects=2), split="val").character(2)
     assert BODY_PARTS[L_ARM] == "left_arm"
+
+
+def test_auto_skins_use_the_real_skin_folder_when_present(tmp_path, monkeypatch):
+    from vsd.plugins.datasets.minens import resolve_skins
+    from vsd.plugins.datasets.skins import procedural_skin, save_skin
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_skins("auto") == "procedural"
+    folder = tmp_path / "data" / "minens_real" / "skins"
+    for split in ("train", "val", "test"):
+        (folder / split).mkdir(parents=True)
+        save_skin(procedural_skin(np.random.default_rng(1))[0], folder / split / "a.png")
+    assert resolve_skins("auto") == "data/minens_real/skins"
+    ds = MinensDataset(MinensDataset.Settings(image_size=16, views=1, skins="auto"), split="test")
+    assert ds.skin_files is not None and len(ds.skin_files) == 1
+    assert resolve_skins("procedural") == "procedural"

@@ -119,6 +119,16 @@ def sample_cameras(
     return Cameras.look_at(eye, fov_deg=FOV_DEG, height=image_size, width=image_size)
 
 
+AUTO_SKINS = Path("data/minens_real/skins")
+
+
+def resolve_skins(skins: str) -> str:
+    """``auto`` -> the real skins made by ``vsd-run data minens data/minens_real`` when present."""
+    if skins != "auto":
+        return skins
+    return str(AUTO_SKINS) if (AUTO_SKINS / "train").is_dir() else "procedural"
+
+
 class MinensDataset(ViewsetDataset):
     """Posed viewsets of procedurally skinned blocky characters on a white background.
 
@@ -134,7 +144,10 @@ class MinensDataset(ViewsetDataset):
         seed: int = 0
         supersample: int = 2
         elevation: tuple[float, float] = (-20.0, 50.0)  # degrees
-        skins: str = "procedural"  # or a folder of 64x32 (or 64x64) PNG skins
+        # "procedural", a folder of 64x32 (or 64x64) PNG skins (with train/val/test sub-folders, as
+        # `vsd-run data minens ROOT` writes to ROOT/skins), or "auto": AUTO_SKINS when it exists
+        # (relative to the working folder), else procedural
+        skins: str = "procedural"
         cache: bool = True  # keep rendered val/test items in memory
         max_swing: float = 45.0  # degrees, limbs swing in [-max_swing, max_swing]
         max_head_yaw: float = 30.0
@@ -173,7 +186,8 @@ class MinensDataset(ViewsetDataset):
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         super().__init__(settings, split=split)
         self.num_objects = settings.num_objects or DEFAULT_SIZES[split]
-        self.skin_files = None if settings.skins == "procedural" else self._skin_files(Path(settings.skins), split)
+        skins = resolve_skins(settings.skins)
+        self.skin_files = None if skins == "procedural" else self._skin_files(Path(skins), split)
         self._cache: dict[int, dict] = {}
 
     @staticmethod
