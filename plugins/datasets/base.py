@@ -9,6 +9,12 @@ from torch.utils.data import Dataset
 from ...core.settings import Plugin
 
 
+SPLITS = ("train", "val", "test")
+
+# per-split seed streams, so splits never share objects or views
+SPLIT_SEEDS = {split: i for i, split in enumerate(SPLITS)}
+
+
 @dataclass(frozen=True)
 class SceneInfo:
     """What the engine needs to know about a dataset's scenes.
@@ -45,5 +51,7 @@ class ViewsetDataset(Plugin, Dataset):
     info: SceneInfo
 
     def __init__(self, settings, *, split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.settings = settings
         self.split = split

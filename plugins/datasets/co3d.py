@@ -42,17 +42,15 @@ from torch import Tensor
 
 from ...core.errors import DataError
 from ...core.settings import Settings as BaseSettings
-from .base import SceneInfo, ViewsetDataset
+from .base import SPLIT_SEEDS, SPLITS, SceneInfo, ViewsetDataset
 
 CACHE_VERSION = 1
-SPLITS = ("train", "val", "test")
 INTRINSICS_FORMATS = ("ndc_isotropic", "ndc_norm_image_bounds")
 MASK_THRESHOLD = 0.4  # foreground probability above which a pixel counts for the object's box
 CROP_CONTEXT = 0.3  # the square crop's side is (1 + this) x the longer side of the object's box
 FIT = 0.9  # the point cloud's 95th-percentile radius is scaled to FIT * bound
 ROTATION_TOLERANCE = 1e-3
 _BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
-_SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 # PyTorch3D view space has +x left, +y up, +z forward; OpenCV has +x right, +y down, +z forward.
 _P3D_TO_OPENCV = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))
 
@@ -431,8 +429,6 @@ class CO3DDataset(ViewsetDataset):
             return v
 
     def __init__(self, settings: "CO3DDataset.Settings", *, split: str = "train"):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         super().__init__(settings, split=split)
         s = settings
         root = Path(s.root)
@@ -591,7 +587,7 @@ class CO3DDataset(ViewsetDataset):
         n, V = self.num_views(i), self.settings.views
         gen = None
         if self.split != "train":
-            gen = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + _SPLIT_SEEDS[self.split] * 65_537 + i)
+            gen = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + SPLIT_SEEDS[self.split] * 65_537 + i)
         if n >= V:
             return torch.randperm(n, generator=gen)[:V].tolist()
         return torch.randint(n, (V,), generator=gen).tolist()  # too few frames: repeat some

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...core.cameras import Cameras, spherical_to_cartesian
 from ...core.settings import Settings as BaseSettings
-from .base import SceneInfo, ViewsetDataset
+from .base import SPLIT_SEEDS, SceneInfo, ViewsetDataset
 from .boxes import Boxes, box_uv_maps, render_boxes
 from .skins import PARTS, load_skin, procedural_skin
 
@@ -27,7 +27,6 @@ CHARACTER_HEIGHT = 1.1  # world units for 32 texels: fills most of the frame at 
 BOUND = 0.6  # the character fits in [-BOUND, BOUND]^3 in every pose
 CAMERA_RADIUS = 5.0
 FOV_DEG = 15.0
-SPLITS = {"train": 0, "val": 1, "test": 2}
 DEFAULT_SIZES = {"train": 10000, "val": 64, "test": 64}
 BODY_PARTS = ("head", "body", "right_arm", "left_arm", "right_leg", "left_leg")
 
@@ -182,8 +181,6 @@ class MinensDataset(ViewsetDataset):
     )
 
     def __init__(self, settings: "MinensDataset.Settings", *, split: str = "train"):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         super().__init__(settings, split=split)
         self.num_objects = settings.num_objects or DEFAULT_SIZES[split]
         skins = resolve_skins(settings.skins)
@@ -220,7 +217,7 @@ class MinensDataset(ViewsetDataset):
     def _rng(self, i: int, stream: int) -> np.random.Generator:
         if not 0 <= i < self.num_objects:
             raise IndexError(f"object index {i} out of range for {self.num_objects} {self.split} objects")
-        return np.random.default_rng([self.settings.seed, SPLITS[self.split], i, stream])
+        return np.random.default_rng([self.settings.seed, SPLIT_SEEDS[self.split], i, stream])
 
     def character(self, i: int) -> tuple[Tensor, dict, Pose]:
         """Skin (3, 32, 64), skin parameters and pose of object ``i``."""

@@ -26,11 +26,10 @@ from torch import Tensor
 
 from ...core.errors import DataError
 from ...core.settings import Settings as BaseSettings
-from .base import SceneInfo, ViewsetDataset
+from .base import SPLIT_SEEDS, SceneInfo, ViewsetDataset
 
 SRN_TEST_SOURCE_VIEW = 64  # the conditioning view of every test object in the published protocol
 _BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
-_SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 # RGB files carry no alpha: a pixel belongs to the object when a channel differs from the
 # background by more than this (a little above PNG rounding).
 _MASK_TOLERANCE = 2.5 / 255
@@ -189,8 +188,6 @@ class SRNDataset(ViewsetDataset):
             return v
 
     def __init__(self, settings: "SRNDataset.Settings", *, split: str = "train"):
-        if split not in _SPLIT_SEEDS:
-            raise ValueError(f"split must be one of {sorted(_SPLIT_SEEDS)}, got {split!r}")
         super().__init__(settings, split=split)
         s = settings
         self.info = SceneInfo(
@@ -261,7 +258,7 @@ class SRNDataset(ViewsetDataset):
             return [source] + [rest[k] for k in picks]
         gen = None
         if self.split != "train":
-            gen = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + _SPLIT_SEEDS[self.split] * 65_537 + i)
+            gen = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + SPLIT_SEEDS[self.split] * 65_537 + i)
         if n >= V:
             return torch.randperm(n, generator=gen)[:V].tolist()
         return torch.randint(n, (V,), generator=gen).tolist()  # too few views: repeat some
