@@ -321,13 +321,22 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def summary_writer(log_dir: Path):
+    """A TensorBoard SummaryWriter when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's writer needs the tensorboard package
+        return None
+    return SummaryWriter(str(log_dir))
+
+
 class _RunLog:
-    """log.csv on rank 0, continued (not restarted) on resume."""
+    """log.csv (and TensorBoard scalars when available) on rank 0, continued on resume."""
 
     FIELDS = ["step", "loss", "mse", "mse_heldout", "grad_norm", "lr", "steps_per_s", "elapsed_s"]
 
     def __init__(self, trainer: "Trainer", tr):
-        self.t, self.fh = trainer, None
+        self.t, self.fh, self.tb = trainer, None, None
 
     def __enter__(self):
         if self.t.dist.is_main:
@@ -343,15 +352,21 @@ class _RunLog:
             self.w = csv.DictWriter(self.fh, fieldnames=self.FIELDS, extrasaction="ignore")
             if new:
                 self.w.writeheader()
+            self.tb = summary_writer(self.t.out / "tensorboard")
         return self
 
     def row(self, step, lr, rate, elapsed, stats):
+        if self.tb is not None:
+            for k, v in {**stats, "lr": lr, "steps_per_s": rate}.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
         if self.fh:
             self.t._write(lambda: (self.w.writerow({"step": step, "lr": lr, "steps_per_s": round(rate, 3), "elapsed_s": round(elapsed, 1), **stats}), self.fh.flush()))
 
     def __exit__(self, *exc):
         if self.fh:
             self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 class _Progress:

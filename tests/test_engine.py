@@ -122,3 +122,23 @@ def test_conditioning_feature_cache_gives_the_same_samples(tiny_recipe):
     assert calls_cached == [1, 2, 2, 2, 2]  # the clean view is encoded once, the others per step
     assert calls_plain == [3, 3, 3, 3]
     assert torch.allclose(cached, plain, atol=1e-4)
+
+
+def test_tensorboard_scalars_when_available(tiny_recipe, tmp_path, monkeypatch):
+    import vsd.core.training as training
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("closed", -1))
+
+    monkeypatch.setattr(training, "summary_writer", lambda d: FakeWriter(d))
+    Trainer(tiny_recipe(), tmp_path / "tb", quiet=True).run()
+    assert ("train/loss", 1) in written and ("train/loss", 2) in written and written[-1][0] == "closed"
