@@ -675,7 +675,7 @@ def run_eval(checkpoint: str | Path, cfg: EvalConfig, out_dir: str | Path | None
     from .checkpoint import info_from_dict, load_checkpoint, recipe_from_state
     from .engine import ViewsetDiffusion
     from .recipe import load_recipe_dict
-    from .training import select_device
+    from .distributed import select_device
 
     state = load_checkpoint(checkpoint)
     recipe = load_recipe_dict(recipe_from_state(state), source=f"{state['path']} (embedded recipe)")

@@ -7,7 +7,7 @@ from pathlib import Path
 from .checkpoint import info_from_dict, load_checkpoint, recipe_from_state
 from .engine import ViewsetDiffusion
 from .recipe import load_recipe_dict
-from .training import select_device
+from .distributed import select_device
 
 
 def load_model(checkpoint: str | Path, device: str = "auto", ema: bool = True) -> ViewsetDiffusion:

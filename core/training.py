@@ -26,7 +26,6 @@ from .engine import ViewsetDiffusion
 from .errors import DataError, VsdError
 from .media import save_grid
 from .recipe import Recipe
-from .distributed import select_device  # noqa: F401  (re-exported)
 from .viewset import Viewset, collate_viewsets
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import Dataset
 
 from ...core.settings import Plugin
@@ -55,3 +56,14 @@ class ViewsetDataset(Plugin, Dataset):
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.settings = settings
         self.split = split
+
+    def random_views(self, i: int, n: int, views: int) -> list[int]:
+        """``views`` of item ``i``'s ``n`` view positions: fresh random ones in training, fixed
+        per (settings.seed, split, i) otherwise; repeats only when there are too few views."""
+        gen = None
+        if self.split != "train":
+            seed = getattr(self.settings, "seed", 0)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + SPLIT_SEEDS[self.split] * 65_537 + i)
+        if n >= views:
+            return torch.randperm(n, generator=gen)[:views].tolist()
+        return torch.randint(n, (views,), generator=gen).tolist()

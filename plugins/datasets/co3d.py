@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ...core.errors import DataError
 from ...core.settings import Settings as BaseSettings
-from .base import SPLIT_SEEDS, SPLITS, SceneInfo, ViewsetDataset
+from .base import SPLITS, SceneInfo, ViewsetDataset
 
 CACHE_VERSION = 1
 INTRINSICS_FORMATS = ("ndc_isotropic", "ndc_norm_image_bounds")
@@ -585,12 +585,7 @@ class CO3DDataset(ViewsetDataset):
     def choose_views(self, i: int) -> list[int]:
         """Positions (into :meth:`frame_numbers`) of the V views of item ``i``."""
         n, V = self.num_views(i), self.settings.views
-        gen = None
-        if self.split != "train":
-            gen = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + SPLIT_SEEDS[self.split] * 65_537 + i)
-        if n >= V:
-            return torch.randperm(n, generator=gen)[:V].tolist()
-        return torch.randint(n, (V,), generator=gen).tolist()  # too few frames: repeat some
+        return self.random_views(i, n, V)
 
     def load(self, i: int, views: list[int]) -> dict:
         """Item dict (see the class docstring) of sequence ``i`` with the given view positions."""

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...core.errors import DataError
 from ...core.settings import Settings as BaseSettings
-from .base import SPLIT_SEEDS, SceneInfo, ViewsetDataset
+from .base import SceneInfo, ViewsetDataset
 
 SRN_TEST_SOURCE_VIEW = 64  # the conditioning view of every test object in the published protocol
 _BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
@@ -256,12 +256,7 @@ class SRNDataset(ViewsetDataset):
                 return [source] * V
             picks = np.linspace(0, len(rest) - 1, V - 1).round().astype(int) if V > 1 else []
             return [source] + [rest[k] for k in picks]
-        gen = None
-        if self.split != "train":
-            gen = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + SPLIT_SEEDS[self.split] * 65_537 + i)
-        if n >= V:
-            return torch.randperm(n, generator=gen)[:V].tolist()
-        return torch.randint(n, (V,), generator=gen).tolist()  # too few views: repeat some
+        return self.random_views(i, n, V)
 
     # ---- reading --------------------------------------------------------------------------------
     def load(self, i: int, views: list[int]) -> dict:
