@@ -21,23 +21,8 @@ from .core.cameras import Cameras, spherical_to_cartesian
 from .core.engine import ViewsetDiffusion
 from .core.errors import DataError
 
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-
-
-def pretrained_names() -> list[str]:
-    """Names of checkpoints shipped inside the package (``vsd.load(name)``)."""
-    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt")) if PRETRAINED_DIR.is_dir() else []
-
-
-def _resolve(path_or_name: str | Path) -> Path:
-    p = Path(path_or_name)
-    if p.exists():
-        return p
-    shipped = PRETRAINED_DIR / f"{p.name}.pt"
-    if shipped.is_file():
-        return shipped
-    names = ", ".join(pretrained_names()) or "none are shipped in this install"
-    raise DataError(f"{path_or_name} is neither a checkpoint file, a run directory nor a shipped model name (shipped: {names})")
+from .core.pretrained import PRETRAINED_DIR, heldout  # noqa: F401  (re-exported)
+from .core.pretrained import names as pretrained_names  # noqa: F401
 
 
 def load(path_or_name: str | Path, device: str = "auto", ema: bool = True) -> "Pipeline":
@@ -45,7 +30,7 @@ def load(path_or_name: str | Path, device: str = "auto", ema: bool = True) -> "P
     checkpoint) or the name of a shipped model; EMA weights by default."""
     from .core.sampling import load_model
 
-    return Pipeline(load_model(_resolve(path_or_name), device=device, ema=ema))
+    return Pipeline(load_model(path_or_name, device=device, ema=ema))
 
 
 @dataclass
@@ -157,18 +142,22 @@ class Pipeline:
         """Sample ``num_samples`` objects consistent with the conditioning image(s).
 
         images: an image path, a list of paths, or a tensor (k, 3, H, W) / (3, H, W) in [0, 1].
-        cameras: (k,) cameras of those images; default: the first image seen from the front
-            (azimuth 0) at ``elevation``, further images evenly around it.
-        views: views per sampled viewset (default: as in training; at least k + 1).
+        cameras: (k,) cameras of those images, or (V,) with V > k: the first k for the images and
+            the others where the new views are sampled; default: the first image seen from the
+            front (azimuth 0) at ``elevation``, the other views evenly around it.
+        views: views per sampled viewset (default: as in training, or all given cameras; at least k + 1).
         Returns a :class:`Result` whose first k views are renders at the conditioning cameras.
         """
         cond = self._images(images).to(self.device)
         k = cond.shape[0]
-        V = max(views or self.default_views, k + 1)
+        given = 0 if cameras is None else cameras.shape[0]
+        if cameras is not None and given < k:
+            raise DataError(f"reconstruct: {k} images but {given} cameras; give one camera per image (or more for the sampled views)")
+        V = max(views or max(self.default_views, given), k + 1, given)
         ring = self.orbit(V, elevation=elevation, size=self.image_size)
         if cameras is not None:
             cameras = cameras.resized(self.image_size, self.image_size)
-            ring = Cameras(torch.cat([cameras.c2w, ring.c2w[k:]]), torch.cat([cameras.K, ring.K[k:]]), self.image_size, self.image_size)
+            ring = Cameras(torch.cat([cameras.c2w, ring.c2w[given:]]), torch.cat([cameras.K, ring.K[given:]]), self.image_size, self.image_size)
         return self._sample(ring, cond, num_samples, steps, seed, guidance)
 
     def generate(self, n: int = 4, *, views: int | None = None, steps: int | None = None, seed: int = 0, elevation: float = 0.0) -> Result:

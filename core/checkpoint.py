@@ -118,6 +118,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 def _load_file(path: Path, map_location) -> dict:
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist (give a .pt file or a run directory)")
+    if path.suffix == ".safetensors":  # shipped weights: EMA weights + recipe, no optimiser state
+        from .pretrained import load_weights
+
+        return load_weights(path)
     data = _verify(path)
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)

@@ -92,7 +92,7 @@ def recipe(
 
 @app.command()
 def sample(
-    checkpoint: Path = typer.Argument(..., help="checkpoint file or run directory"),
+    checkpoint: Path = typer.Argument(..., help="checkpoint file, run directory or shipped model name (vsd-run models)"),
     input: Optional[Path] = typer.Option(None, "--input", help="condition on this image (seen from the front)"),
     num_samples: int = typer.Option(4, "--num-samples", min=1, help="samples to draw"),
     views: Optional[int] = typer.Option(None, "--views", min=1, help="views per sampled viewset"),
@@ -129,7 +129,7 @@ def _register_command_modules() -> None:
         mod.register(app)
 
 
-COMMAND_MODULES = ("cli_eval", "cli_data", "cli_export", "cli_refine", "cli_sweep")
+COMMAND_MODULES = ("cli_eval", "cli_data", "cli_export", "cli_refine", "cli_sweep", "cli_pack")
 _register_command_modules()
 
 

@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_command(
-    checkpoint: Path = typer.Argument(..., help="checkpoint file or run directory"),
+    checkpoint: Path = typer.Argument(..., help="checkpoint file, run directory or shipped model name (vsd-run models)"),
     split: str = typer.Option("test", "--split", help="dataset split of the checkpoint's recipe"),
     cond_views: int = typer.Option(1, "--cond-views", min=0, help="clean conditioning views (0: unconditional generation, scored by KID)"),
     samples: int = typer.Option(20, "--samples", min=1, help="samples per input (deterministic checkpoints draw 1)"),

@@ -11,7 +11,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
-        checkpoint: Path = typer.Argument(..., help="checkpoint file or run directory"),
+        checkpoint: Path = typer.Argument(..., help="checkpoint file, run directory or shipped model name (vsd-run models)"),
         input: Optional[Path] = typer.Option(None, "--input", help="condition on this image (seen from the front)"),
         num_samples: int = typer.Option(1, "--num-samples", min=1, help="objects to sample, one mesh each"),
         format: str = typer.Option("glb", "--format", help="glb, ply or obj"),

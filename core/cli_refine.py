@@ -11,7 +11,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("refine")
     def refine(
-        checkpoint: Path = typer.Argument(..., help="checkpoint file or run directory"),
+        checkpoint: Path = typer.Argument(..., help="checkpoint file, run directory or shipped model name (vsd-run models)"),
         input: Optional[Path] = typer.Option(None, "--input", help="condition on this image (seen from the front)"),
         seed: int = typer.Option(0, "--seed"),
         sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1, help="sampler steps (default: the recipe's)"),

@@ -666,6 +666,8 @@ def write_outputs(out: Path, summary: dict, rows: list[dict]) -> None:
 # ---- entry point ---------------------------------------------------------------------------
 def default_out_dir(checkpoint: Path, split: str, cond_views: int) -> Path:
     path = Path(checkpoint)
+    if path.suffix == ".safetensors" and path.name == "model.safetensors":  # a shipped model
+        return Path("runs") / "eval" / f"{path.parent.name}_{split}_cond{cond_views}"
     run = path if path.is_dir() else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
     return run / f"eval_{split}_cond{cond_views}"
 
@@ -676,7 +678,9 @@ def run_eval(checkpoint: str | Path, cfg: EvalConfig, out_dir: str | Path | None
     from .engine import ViewsetDiffusion
     from .recipe import load_recipe_dict
     from .distributed import select_device
+    from .pretrained import resolve
 
+    checkpoint = resolve(checkpoint)
     state = load_checkpoint(checkpoint)
     recipe = load_recipe_dict(recipe_from_state(state), source=f"{state['path']} (embedded recipe)")
     model = ViewsetDiffusion(recipe, info_from_dict(state["info"]))

@@ -11,8 +11,11 @@ from .distributed import select_device
 
 
 def load_model(checkpoint: str | Path, device: str = "auto", ema: bool = True) -> ViewsetDiffusion:
-    """The model of a checkpoint (its EMA weights by default), in eval mode."""
-    state = load_checkpoint(checkpoint)
+    """The model of a checkpoint, run directory, weights file or shipped model name (its EMA
+    weights by default), in eval mode."""
+    from .pretrained import resolve
+
+    state = load_checkpoint(resolve(checkpoint))
     recipe = load_recipe_dict(recipe_from_state(state), source=f"{state['path']} (embedded recipe)")
     model = ViewsetDiffusion(recipe, info_from_dict(state["info"]))
     model.load_state_dict(state["ema" if ema else "model"])

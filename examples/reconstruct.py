@@ -1,9 +1,12 @@
 """Reconstruct 3D objects from one image with the Python API.
 
+    python examples/reconstruct.py                      # the shipped minens-voxel model
+    python examples/reconstruct.py cars-triplane        # another shipped model
     python examples/reconstruct.py runs/voxel_minens [image.png] [--out reconstruct_out]
 
-Without an image, a held-out test character is rendered and used as the input. Writes the
-input, a grid of sampled views, a turntable (GIF, and MP4 with imageio-ffmpeg) and a GLB mesh.
+Without an image, a held-out test object is the input (shipped with a shipped model, else from
+the model's dataset). Writes the input, a grid of sampled views, a turntable (GIF, and MP4 with
+imageio-ffmpeg) and a GLB mesh.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import argparse
 from pathlib import Path
 
 import vsd
+import vsd.api
 from vsd.core.cameras import Cameras
 from vsd.core.media import save_image
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="checkpoint file, run directory or shipped model name")
+    ap.add_argument("model", nargs="?", default="minens-voxel", help="checkpoint file, run directory or shipped model name (default: minens-voxel)")
     ap.add_argument("image", nargs="?", help="input image (default: a test character)")
     ap.add_argument("--out", type=Path, default=Path("reconstruct_out"))
     ap.add_argument("--samples", type=int, default=4)
@@ -27,7 +31,11 @@ def main() -> None:
 
     pipe = vsd.load(args.model)
     image, cameras = args.image, None  # an image of unknown pose is taken as seen from the front
-    if image is None:  # a test-split item of the model's own dataset, with its known camera
+    if image is None and args.model in vsd.api.pretrained_names():  # shipped held-out object, known camera
+        held = vsd.api.heldout(args.model)
+        image = save_image(held["images"][0, 0], args.out / "input.png")
+        cameras = held["cameras"][0, :1]
+    elif image is None:  # a test-split item of the model's own dataset, with its known camera
         item = pipe.model.recipe.data.build(split="test")[0]
         image = save_image((item["images"][0] + 1) / 2, args.out / "input.png")
         size = item["images"].shape[-1]
