@@ -39,6 +39,57 @@ def _notice_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+class _Composite(torch.autograd.Function):
+    """Front-to-back compositing with a hand-written backward.
+
+    With tau_i = sigma_i delta_i, T_i = exp(-sum_{j<i} tau_j) and w_i = T_i (1 - exp(-tau_i)),
+    a loss L whose derivative in w_i is a_i gives
+        dL/dtau_k = a_k T_k exp(-tau_k) - sum_{i>k} a_i w_i,
+    one reverse cumulative sum. Autograd through the forward formula instead keeps and walks a
+    graph of ~10 element-wise ops over every (ray, sample); this does the same in a few passes.
+    """
+
+    @staticmethod
+    def forward(ctx, sigmas, rgbs, deltas, t_samples, background):
+        tau = sigmas * deltas
+        # T_i as the exp of an exclusive cumulative sum: same as the product of (1 - alpha) but
+        # with a well-defined gradient where alpha reaches 1; w_i = T_i - T_{i+1}
+        trans = torch.exp(tau - torch.cumsum(tau, dim=-1))
+        trans_next = trans * torch.exp(-tau)
+        weights = trans - trans_next
+        opacity = weights.sum(-1)
+        # one contraction instead of an (..., S, 3) product and a sum
+        color = torch.einsum("...s,...sc->...c", weights, rgbs) + (1.0 - opacity[..., None]) * background
+        depth = (weights * t_samples).sum(-1)
+        ctx.save_for_backward(sigmas, rgbs, deltas, t_samples, background, trans_next, weights, opacity)
+        return color, depth, opacity, weights
+
+    @staticmethod
+    def backward(ctx, g_color, g_depth, g_opacity, g_weights):
+        sigmas, rgbs, deltas, t_samples, background, trans_next, weights, opacity = ctx.saved_tensors
+        # a_i = dL/dw_i: colour (c_i - background), depth t_i, opacity 1, and weights directly
+        a = torch.zeros_like(weights)
+        if g_color is not None:
+            a = a + torch.einsum("...sc,...c->...s", rgbs, g_color) - (g_color * background).sum(-1, keepdim=True)
+        if g_depth is not None:
+            a = a + g_depth[..., None] * t_samples
+        if g_opacity is not None:
+            a = a + g_opacity[..., None]
+        if g_weights is not None:
+            a = a + g_weights
+        aw = a * weights
+        after = aw.sum(-1, keepdim=True) - torch.cumsum(aw, dim=-1)  # sum over i > k
+        g_tau = a * trans_next - after
+        g_sigmas = g_tau * deltas if ctx.needs_input_grad[0] else None
+        g_rgbs = weights.unsqueeze(-1) * g_color.unsqueeze(-2) if ctx.needs_input_grad[1] and g_color is not None else None
+        g_deltas = g_tau * sigmas if ctx.needs_input_grad[2] else None
+        g_t = g_depth[..., None] * weights if ctx.needs_input_grad[3] and g_depth is not None else None
+        g_bg = None
+        if ctx.needs_input_grad[4] and g_color is not None:
+            g_bg = (g_color * (1.0 - opacity[..., None])).sum_to_size(background.shape)
+        return g_sigmas, g_rgbs, g_deltas, g_t, g_bg
+
+
 def composite(
     sigmas: Tensor,
     rgbs: Tensor,
@@ -61,16 +112,11 @@ def composite(
         S = sigmas.shape[-1]
         flat = [x.reshape(-1, S) for x in (t_starts, t_ends, sigmas)]
         weights = nerfacc.render_weight_from_density(*flat)[0].reshape(sigmas.shape)
-    else:
-        tau = sigmas * (t_ends - t_starts)
-        # exp of an exclusive cumulative sum: same as the product of (1 - alpha) but with a
-        # well-defined gradient where alpha reaches 1.
-        trans = torch.exp(-(torch.cumsum(tau, dim=-1) - tau))
-        weights = trans * (1.0 - torch.exp(-tau))
-    opacity = weights.sum(-1)
-    color = (weights[..., None] * rgbs).sum(-2) + (1.0 - opacity[..., None]) * background
-    depth = (weights * t_samples).sum(-1)
-    return color, depth, opacity, weights
+        opacity = weights.sum(-1)
+        color = (weights.unsqueeze(-2) @ rgbs).squeeze(-2) + (1.0 - opacity[..., None]) * background
+        return color, (weights * t_samples).sum(-1), opacity, weights
+    background = background.expand(*sigmas.shape[:-1], 3) if background.dim() < sigmas.dim() else background
+    return _Composite.apply(sigmas, rgbs, t_ends - t_starts, t_samples, background)
 
 
 def ray_box_intersect(origins: Tensor, dirs: Tensor, bound: float) -> tuple[Tensor, Tensor]:
