@@ -17,7 +17,7 @@ import torch
 from .common import counted_flops, max_rss_mib, peak_flops, table, timeit
 
 
-def build(recipe_ref: str, overrides: list[str], device):
+def build(recipe_ref: str, overrides: list[str], device, compile_backend: str | None = None):
     from vsd.core.engine import ViewsetDiffusion
     from vsd.core.recipe import load_recipe
     from vsd.core.training import fixed_batch
@@ -27,6 +27,10 @@ def build(recipe_ref: str, overrides: list[str], device):
     torch.manual_seed(0)
     model = ViewsetDiffusion(recipe, ds.info).to(device)
     batch = fixed_batch(ds, recipe.train.batch_size, torch.device(device))
+    if compile_backend:
+        from vsd.core.training import compile_denoiser
+
+        compile_denoiser(model, compile_backend)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.train.lr)
     counter = iter(range(10**9))
 

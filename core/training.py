@@ -57,6 +57,14 @@ class EMA:
             b_ema.copy_(b)
 
 
+def compile_denoiser(model: ViewsetDiffusion, backend: str = "inductor") -> None:
+    """torch.compile the denoiser's two halves (per-view encoding, aggregation + decoding), which
+    are what training and sampling call; parameter names (and so checkpoints) stay unchanged."""
+    d = model.denoiser
+    d.encode_views = torch.compile(d.encode_views, backend=backend)
+    d.decode = torch.compile(d.decode, backend=backend)
+
+
 def fixed_batch(dataset, n: int, device) -> Viewset:
     """The first ``n`` items of a split: the same viewsets in every sample grid of a run."""
     return collate_viewsets([dataset[i] for i in range(min(n, len(dataset)))]).to(device)
@@ -143,7 +151,7 @@ class Trainer:
             self.loss_module = nn.parallel.DistributedDataParallel(self.loss_module, device_ids=ids)
         if tr.compile:
             # compile the forward only: parameter names (and so checkpoints) stay unchanged
-            self.model.denoiser.forward = torch.compile(self.model.denoiser.forward, backend=tr.compile_backend)
+            compile_denoiser(self.model, tr.compile_backend)
         if self.dist.is_main:
             self._write(lambda: (self.out.mkdir(parents=True, exist_ok=True), (self.out / "recipe.yaml").write_text(recipe.dump())))
 
