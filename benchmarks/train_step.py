@@ -51,6 +51,32 @@ def scale_overrides(f: float, base: dict) -> list[str]:
     ]
 
 
+def op_shares(step, n: int = 2, top: int = 8) -> list[dict]:
+    """Share of a step's CPU time per operator (torch.profiler, self time), largest first."""
+    from torch.profiler import profile
+
+    step()
+    with profile() as prof:
+        for _ in range(n):
+            step()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return [{"op": e.key, "share": e.self_cpu_time_total / total} for e in events[:top]]
+
+
+def conv_rate(device, channels: int, size: int, batch: int, repeats: int) -> float:
+    """FLOP/s of one 3x3x3 conv forward + backward at the U-Net's own shapes."""
+    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(device)
+    x = torch.randn(batch, channels, size, size, size, device=device, requires_grad=True)
+
+    def f():
+        conv(x).sum().backward()
+
+    flops = counted_flops(f)
+    return flops / timeit(f, repeats, 1, device)["median"]
+
+
 def run(args) -> dict:
     peak = peak_flops(args.device)
     base = {"image": 32, "volume": 16, "samples": 32}
@@ -70,9 +96,17 @@ def run(args) -> dict:
             "utilisation": flops / t["median"] / peak["peak_flops"],
         })
         print(rows[-1], flush=True)
+        if f == args.scales[0] and args.device == "cpu":
+            shares = op_shares(step)
         del model, step
-    return {"peak": peak, "rows": rows, "markdown": table(rows, ["scale", "image", "volume", "step_s", "viewsets_per_s", "peak_mem_mib", "gflop_per_step", "achieved_gflops", "utilisation"])
-            + f"\n\npeak (large matmul / wide conv3d): {peak['peak_flops'] / 1e9:.1f} GFLOP/s"}
+    # the U-Net's convolutions alone, at its widths (12 view volumes: batch 4 x 3 views)
+    convs = [{"channels": c, "size": d, "gflops": conv_rate(args.device, c, d, 12, args.repeats) / 1e9} for c, d in ((16, 16), (32, 8), (64, 4))]
+    md = table(rows, ["scale", "image", "volume", "step_s", "viewsets_per_s", "peak_mem_mib", "gflop_per_step", "achieved_gflops", "utilisation"])
+    md += f"\n\npeak (large matmul / wide conv3d): {peak['peak_flops'] / 1e9:.1f} GFLOP/s"
+    md += "\n\n3x3x3 conv fwd+bwd at the U-Net's shapes: " + ", ".join(f"{c['channels']} ch {c['size']}^3: {c['gflops']:.1f} GFLOP/s" for c in convs)
+    if args.device == "cpu":
+        md += "\n\nstep time by operator (scale 1): " + ", ".join(f"{o['op']} {o['share']:.0%}" for o in shares)
+    return {"peak": peak, "rows": rows, "convs": convs, "op_shares": shares if args.device == "cpu" else None, "markdown": md}
 
 
 def add_arguments(p) -> None:

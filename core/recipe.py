@@ -55,7 +55,7 @@ class TrainSettings(Settings):
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass (fp16 adds gradient scaling)")
     grad_accum: int = Field(1, ge=1, description="split each process's batch into this many micro-batches (same result, less memory)")
-    compile: bool = Field(False, description="torch.compile the denoiser's forward")
+    compile: bool = Field(False, description="torch.compile the denoiser (its per-view encoding and its decoding halves)")
     compile_backend: str = Field("inductor", description="torch.compile backend")
     nonfinite: Literal["skip", "stop"] = Field("skip", description="a NaN/Inf loss or gradient: skip that step, or stop the run")
     max_skipped_steps: int = Field(10, ge=0, description="stop after this many non-finite steps in a row")

@@ -1,0 +1,61 @@
+"""Figures and numbers of the shipped models' cards (README "Pretrained models").
+
+    python benchmarks/model_cards.py [minens-voxel cars-triplane] [--objects 8] [--steps 50]
+
+For each model: single-view novel-view PSNR on its shipped held-out viewsets (DDIM, one sample,
+view 0 conditions; the same protocol as tests/test_pretrained.py) against the mean training
+image, and docs/images/<name>_card.png: one row per object: the input, the true other views,
+then the sampled views of two samples. Writes benchmarks/results/model_cards.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import vsd
+from vsd.core import pretrained
+from vsd.core.media import save_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def card(name: str, objects: int, steps: int, figure_objects: int = 4) -> dict:
+    pipe = vsd.load(name, device="cpu")
+    t0 = time.time()
+    scores = {s: pretrained.heldout_psnr(pipe, name, objects=objects, steps=s, seed=0) for s in sorted({20, steps})}
+    seconds = time.time() - t0
+    held = pretrained.heldout(name)
+    rows = []
+    for i in range(min(figure_objects, held["images"].shape[0])):
+        V = held["images"].shape[1]
+        res = pipe.reconstruct(held["images"][i, :1], held["cameras"][i], num_samples=2, views=V, steps=steps, seed=i)
+        rows.append(torch.cat([held["images"][i], res.views[0, 1:], res.views[1, 1:]]))
+    fig = save_grid(torch.stack(rows), ROOT / "docs" / "images" / f"{name}_card.png", upscale=3)
+    w = pretrained.load_weights(pretrained.PRETRAINED_DIR / name / "model.safetensors")
+    size = sum(p.stat().st_size for p in (pretrained.PRETRAINED_DIR / name).iterdir())
+    return {"name": name, "step": w["step"], "size_mib": size / 2**20, "parameters": sum(v.numel() for v in w["ema"].values()),
+            "psnr_by_steps": scores, "eval_seconds": seconds, "figure": str(fig.relative_to(ROOT))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", default=None)
+    ap.add_argument("--objects", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=50)
+    args = ap.parse_args()
+    out = []
+    for name in args.names or pretrained.names():
+        out.append(card(name, args.objects, args.steps))
+        print(json.dumps(out[-1], indent=2), flush=True)
+    path = ROOT / "benchmarks" / "results" / "model_cards.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
