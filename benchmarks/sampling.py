@@ -62,7 +62,7 @@ def run(args) -> dict:
         steps = args.cache_steps
         a, b = reconstruct(steps, 0, cache=False), reconstruct(steps, 0, cache=True)
         diff = (a - b).abs().max().item()
-        t_off, t_on, ratio = timeit_pair(lambda: reconstruct(steps, 0, False), lambda: reconstruct(steps, 0, True), max(1, args.repeats // 2), 0, args.device)
+        t_off, t_on, ratio = timeit_pair(lambda: reconstruct(steps, 0, False), lambda: reconstruct(steps, 0, True), args.cache_repeats, 0, args.device)
     mean_img = ((images[:, 0] + 1) / 2).mean(0)  # a weak baseline: the mean conditioning image
     cache = {"steps": steps, "no_cache_s": t_off["median"], "cache_s": t_on["median"], "speedup": ratio, "max_abs_diff": diff}
     md = table(rows, ["steps", "seconds", "psnr", "overhead"])
@@ -73,6 +73,7 @@ def run(args) -> dict:
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="minens-voxel")
-    p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100, 250])
+    p.add_argument("--steps", type=int, nargs="*", default=[10, 25, 50, 100, 250], help="step counts of the speed/quality curve (none: only the cache comparison)")
     p.add_argument("--objects", type=int, default=8)
     p.add_argument("--cache-steps", type=int, default=50)
+    p.add_argument("--cache-repeats", type=int, default=7, help="interleaved pairs timed for the cache comparison")
