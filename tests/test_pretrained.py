@@ -19,7 +19,7 @@ from conftest import TINY
 # name -> single-view novel-view PSNR (dB) the shipped model must reach on its first 4 shipped
 # held-out objects (DDIM, 20 steps, one sample, seed 0). Measured values are in the README's
 # model cards; the thresholds sit ~1 dB below them and well above the mean training image.
-SHIPPED = {"minens-voxel": 19.0, "cars-triplane": 17.0}
+SHIPPED = {"minens-voxel": 17.0, "cars-triplane": 17.5}
 
 
 def test_the_reference_models_are_shipped():
