@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from vsd.core.checkpoint import load_checkpoint
 from vsd.core.cli import main
@@ -31,10 +30,9 @@ def _needs(name: str) -> str | None:
 
 def _synthetic_data(name: str, tmp_path: Path) -> list[str]:
     """Recipes that read data from disk train here on a tiny synthetic folder of that layout."""
-    data = yaml.safe_load((SHIPPED_RECIPES / name).read_text()).get("data", {})
-    kind = data.get("type")
-    if kind is None:  # inherited: the base recipe's data
-        return []
+    from vsd.core.recipe import resolve
+
+    kind = resolve(SHIPPED_RECIPES / name).get("data", {}).get("type")  # after `extends`
     if kind == "srn":
         from test_srn import make_object
 
