@@ -4,7 +4,8 @@
 
 Both sides turn (N, S) densities, colours and intervals into colour, depth and opacity and back-
 propagate a loss to densities and colours. vsd's side is ``renderers.volume.composite`` (torch);
-nerfacc's is ``render_weight_from_density`` (batched, no packing) plus the same accumulation.
+nerfacc's is ``render_weight_from_density`` (batched, no packing) plus the same accumulation
+(``composite(..., backend="nerfacc")``).
 Checks that outputs and gradients agree to 1e-5 and reports the time ratio.
 """
 
@@ -35,12 +36,9 @@ def vsd_composite(x: dict):
 
 
 def nerfacc_composite(x: dict):
-    import nerfacc
+    from vsd.renderers.volume import composite
 
-    w = nerfacc.render_weight_from_density(x["t_starts"], x["t_ends"], x["sigmas"])[0]
-    opacity = w.sum(-1)
-    color = (w[..., None] * x["rgbs"]).sum(-2) + (1 - opacity[..., None]) * x["background"]
-    depth = (w * 0.5 * (x["t_starts"] + x["t_ends"])).sum(-1)
+    color, depth, opacity, _ = composite(x["sigmas"], x["rgbs"], x["t_starts"], x["t_ends"], x["background"], backend="nerfacc")
     return color, depth, opacity
 
 

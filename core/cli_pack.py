@@ -32,8 +32,9 @@ def register(app: typer.Typer) -> None:
         from .cli import out
         from .pretrained import PRETRAINED_DIR, load_weights, names
 
-        for n in names():
+        shipped = names()
+        for n in shipped:
             w = load_weights(PRETRAINED_DIR / n / "model.safetensors")
             out.print(f"{n}  (step {w['step']}, {len(w['ema'])} tensors)", markup=False, highlight=False)
-        if not names():
+        if not shipped:
             out.print("no models are shipped in this install", markup=False)

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
 from .errors import DataError
 
@@ -133,11 +132,6 @@ def pack(checkpoint: str | Path, name: str, root: Path = PRETRAINED_DIR, overrid
     views = recipe.data.settings.views - recipe.train.heldout_views
     save_heldout(out / "heldout.safetensors", recipe.data.build(split="test"), recipe.data.build(split="train"), objects, views)
     return save_weights(out / "model.safetensors", state, recipe.dump())
-
-
-def read_recipe(path: str | Path) -> dict:
-    """The recipe embedded in a weights file, as a dict."""
-    return yaml.safe_load(load_weights(path)["recipe"])
 
 
 def heldout_psnr(pipe, name: str, objects: int = 4, steps: int | None = 20, seed: int = 0, root: Path = PRETRAINED_DIR) -> dict:

@@ -150,7 +150,6 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.loss_module = nn.parallel.DistributedDataParallel(self.loss_module, device_ids=ids)
         if tr.compile:
-            # compile the forward only: parameter names (and so checkpoints) stay unchanged
             compile_denoiser(self.model, tr.compile_backend)
         if self.dist.is_main:
             self._write(lambda: (self.out.mkdir(parents=True, exist_ok=True), (self.out / "recipe.yaml").write_text(recipe.dump())))

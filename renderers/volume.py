@@ -39,6 +39,14 @@ def _notice_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def accumulate(weights: Tensor, rgbs: Tensor, t_samples: Tensor, background: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample weights (..., S) -> colour over the background (..., 3), depth (...), opacity (...)."""
+    opacity = weights.sum(-1)
+    # one contraction instead of an (..., S, 3) product and a sum
+    color = torch.einsum("...s,...sc->...c", weights, rgbs) + (1.0 - opacity[..., None]) * background
+    return color, (weights * t_samples).sum(-1), opacity
+
+
 class _Composite(torch.autograd.Function):
     """Front-to-back compositing with a hand-written backward.
 
@@ -57,10 +65,7 @@ class _Composite(torch.autograd.Function):
         trans = torch.exp(tau - torch.cumsum(tau, dim=-1))
         trans_next = trans * torch.exp(-tau)
         weights = trans - trans_next
-        opacity = weights.sum(-1)
-        # one contraction instead of an (..., S, 3) product and a sum
-        color = torch.einsum("...s,...sc->...c", weights, rgbs) + (1.0 - opacity[..., None]) * background
-        depth = (weights * t_samples).sum(-1)
+        color, depth, opacity = accumulate(weights, rgbs, t_samples, background)
         ctx.save_for_backward(sigmas, rgbs, deltas, t_samples, background, trans_next, weights, opacity)
         return color, depth, opacity, weights
 
@@ -112,10 +117,7 @@ def composite(
         S = sigmas.shape[-1]
         flat = [x.reshape(-1, S) for x in (t_starts, t_ends, sigmas)]
         weights = nerfacc.render_weight_from_density(*flat)[0].reshape(sigmas.shape)
-        opacity = weights.sum(-1)
-        color = (weights.unsqueeze(-2) @ rgbs).squeeze(-2) + (1.0 - opacity[..., None]) * background
-        return color, (weights * t_samples).sum(-1), opacity, weights
-    background = background.expand(*sigmas.shape[:-1], 3) if background.dim() < sigmas.dim() else background
+        return (*accumulate(weights, rgbs, t_samples, background), weights)
     return _Composite.apply(sigmas, rgbs, t_ends - t_starts, t_samples, background)
 
 
