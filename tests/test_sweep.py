@@ -239,3 +239,21 @@ def test_ray_executor_runs_each_run_as_a_task(tmp_path, monkeypatch):
     assert row["status"] == "done" and float(row["psnr_best_of_1"]) > 5
     st = read_status(tmp_path / "ray" / "aggregator.type=max")
     assert st["pid"] != os.getpid() and st["attempts"] == 1
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_load_and_every_run_recipe_validates(path):
+    from vsd.core.recipe import load_recipe
+    from vsd.core.sweep import load_sweep
+
+    sweep = load_sweep(path)
+    assert len(sweep.runs) >= 4 and len({r.name for r in sweep.runs}) == len(sweep.runs)
+    for run in sweep.runs:
+        recipe = load_recipe(sweep.base, run.overrides)
+        for key, value in run.values.items():
+            section, _, field = key.partition(".")
+            got = getattr(recipe, section).type if field == "type" else getattr(recipe, key)
+            assert got == value, (run.name, key)
+    if path.name == "aggregators.yaml":  # the README's ablation: every built-in aggregator, 2 seeds
+        assert {r.values["aggregator.type"] for r in sweep.runs} == {"attention", "mean", "max", "weighted-mean"}
+        assert {r.values["seed"] for r in sweep.runs} == {0, 1}
