@@ -5,6 +5,7 @@
     python -m benchmarks sampling          # DDIM steps vs time and PSNR; feature-cache speed-up
     python -m benchmarks representations   # query throughput per representation, DMTet extraction
     python -m benchmarks scaling           # log-log slopes of step time/memory in D, H and V
+    python -m benchmarks against REV       # this tree's training step vs an earlier revision's
     python -m benchmarks all
 
 Each writes benchmarks/results/<name>.json (medians, quartiles, the machine) and prints a
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "sampling": "sampling",
     "representations": "representations",
     "scaling": "scaling",
+    "against": "against",
 }
 
 
@@ -44,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         if mod is not None:
             importlib.import_module(f".{mod}", __package__).add_arguments(p)
     args = ap.parse_args(argv)
+    from vsd.core.memory import keep_freed_memory
+
+    keep_freed_memory()  # as training and the CLI do
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    names = [n for n in BENCHMARKS if n != "against"] if args.name == "all" else [args.name]
     for name in names:
         mod = importlib.import_module(f".{BENCHMARKS[name]}", __package__)
         if args.name == "all":  # defaults of that benchmark's own options

@@ -22,6 +22,12 @@ def build(recipe_ref: str, overrides: list[str], device, compile_backend: str | 
     from vsd.core.recipe import load_recipe
     from vsd.core.training import fixed_batch
 
+    try:
+        from vsd.core.training import make_optimizer
+    except ImportError:  # an older tree (benchmarks/against.py): its Trainer used plain Adam
+        def make_optimizer(model, lr):
+            return torch.optim.Adam(model.parameters(), lr=lr)
+
     recipe = load_recipe(recipe_ref, ["data.skins=procedural", "diffusion.self_condition_prob=0.0", *overrides])
     ds = recipe.data.build(split="train")
     torch.manual_seed(0)
@@ -31,7 +37,7 @@ def build(recipe_ref: str, overrides: list[str], device, compile_backend: str | 
         from vsd.core.training import compile_denoiser
 
         compile_denoiser(model, compile_backend)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.train.lr)
+    opt = make_optimizer(model, recipe.train.lr)  # what training uses
     counter = iter(range(10**9))
 
     def step():

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import VsdError
+from .memory import keep_freed_memory
 
 app = typer.Typer(
     add_completion=False,
@@ -134,6 +135,7 @@ _register_command_modules()
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     try:
         app(args=argv, standalone_mode=False)
     except VsdError as exc:

@@ -22,7 +22,7 @@ from ..plugins.encoders.base import Encoder
 from .cameras import Cameras
 from .embeddings import TimestepEmbedding
 from .settings import Settings
-from .unet3d import Downsample3d, LinearAttention3d, ResBlock3d, Upsample3d, group_norm
+from .unet3d import Downsample3d, LinearAttention3d, PointwiseConv3d, ResBlock3d, Upsample3d, group_norm
 from .unproject import unproject
 
 IN_CHANNELS = 12  # RGB, ray origin, ray direction, self-conditioning RGB
@@ -117,7 +117,7 @@ class Denoiser(nn.Module):
         attn = set(s.attention_levels)
         self.time_embed = TimestepEmbedding(s.time_dim)
         self.encoder = make_encoder(IN_CHANNELS, s.time_dim)
-        self.lift = nn.Conv3d(self.encoder.out_channels, s.base_channels, 1)
+        self.lift = PointwiseConv3d(self.encoder.out_channels, s.base_channels)
 
         def level(a: int, b: int, lv: int) -> _Level:
             return _Level(a, b, s.num_res_blocks, s.time_dim, s.groups, lv in attn)
@@ -133,7 +133,7 @@ class Denoiser(nn.Module):
         self.upsamples = nn.ModuleList(Upsample3d(b, a) for a, b in zip(chans[:-1], chans[1:]))
         self.up_levels = nn.ModuleList(level(2 * c, c, lv) for lv, c in enumerate(chans[:-1]))
         self.out = nn.Sequential(
-            group_norm(chans[0], s.groups), nn.SiLU(), nn.Conv3d(chans[0], s.out_channels, 1)
+            group_norm(chans[0], s.groups), nn.SiLU(), PointwiseConv3d(chans[0], s.out_channels)
         )
 
     def forward(

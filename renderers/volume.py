@@ -66,6 +66,7 @@ class _Composite(torch.autograd.Function):
         trans_next = trans * torch.exp(-tau)
         weights = trans - trans_next
         color, depth, opacity = accumulate(weights, rgbs, t_samples, background)
+        ctx.set_materialize_grads(False)  # outputs the loss does not use (depth, ...) get None, not zeros
         ctx.save_for_backward(sigmas, rgbs, deltas, t_samples, background, trans_next, weights, opacity)
         return color, depth, opacity, weights
 
@@ -73,15 +74,20 @@ class _Composite(torch.autograd.Function):
     def backward(ctx, g_color, g_depth, g_opacity, g_weights):
         sigmas, rgbs, deltas, t_samples, background, trans_next, weights, opacity = ctx.saved_tensors
         # a_i = dL/dw_i: colour (c_i - background), depth t_i, opacity 1, and weights directly
-        a = torch.zeros_like(weights)
+        terms = []
         if g_color is not None:
-            a = a + torch.einsum("...sc,...c->...s", rgbs, g_color) - (g_color * background).sum(-1, keepdim=True)
+            terms.append(torch.einsum("...sc,...c->...s", rgbs, g_color) - (g_color * background).sum(-1, keepdim=True))
         if g_depth is not None:
-            a = a + g_depth[..., None] * t_samples
+            terms.append(g_depth[..., None] * t_samples)
         if g_opacity is not None:
-            a = a + g_opacity[..., None]
+            terms.append(g_opacity[..., None])
         if g_weights is not None:
-            a = a + g_weights
+            terms.append(g_weights)
+        if not terms:
+            return None, None, None, None, None
+        a = terms[0].expand_as(weights)
+        for term in terms[1:]:
+            a = a + term
         aw = a * weights
         after = aw.sum(-1, keepdim=True) - torch.cumsum(aw, dim=-1)  # sum over i > k
         g_tau = a * trans_next - after

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
+from ..core.unet3d import PointwiseConv3d
 from .base import Field, Representation
 from .triplane import mlp
 
@@ -313,7 +314,7 @@ class HashGrid(Representation):
         self.encoding = HashEncoding(
             s.levels, s.features_per_level, s.log2_table_size, s.min_resolution, s.max_resolution, bound
         )
-        self.project = nn.Conv3d(in_channels, self.encoding.out_features, kernel_size=1)
+        self.project = PointwiseConv3d(in_channels, self.encoding.out_features)
         self.decoder = mlp(self.encoding.out_features, s.hidden, s.layers, 4)
         with torch.no_grad():
             self.decoder[-1].bias[0] = s.density_bias

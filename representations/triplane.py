@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
+from ..core.unet3d import PointwiseConv3d
 from .base import Field, Representation
 
 # For each plane: the volume dimension it collapses (volume is (B, C, z, y, x)) and the two
@@ -73,7 +74,7 @@ class AxisReduction(nn.Module):
         super().__init__()
         self.dim = dim
         # no bias: the softmax ignores a constant shift, so it would never learn
-        self.score = nn.Conv3d(channels, 1, kernel_size=1, bias=False)
+        self.score = PointwiseConv3d(channels, 1, bias=False)
         self.position = nn.Parameter(torch.zeros(resolution))
         nn.init.zeros_(self.score.weight)  # starts as the plain mean; training moves it away
 

@@ -68,7 +68,8 @@ def test_vertex_colours_come_from_the_field():
     field = voxel_field(sphere_density(), rgb=(1.0, 0.5, 0.0))
     mesh = field_to_mesh(field, 0, R, threshold=20.0)
     colours = np.asarray(mesh.visual.vertex_colors)
-    assert (colours[:, :3] == [255, 128, 0]).all() and (colours[:, 3] == 255).all()
+    # within one 8-bit level: 0.5 * 255 sits on a rounding boundary
+    assert np.abs(colours[:, :3].astype(int) - [255, 128, 0]).max() <= 1 and (colours[:, 3] == 255).all()
 
 
 def test_small_components_are_dropped_on_request():

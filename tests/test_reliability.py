@@ -128,23 +128,26 @@ def test_sigkill_at_random_moments_then_resume_matches_the_uninterrupted_run(tmp
     them while a checkpoint is being written; every resume loses at most one checkpoint interval
     and the finished run's losses and weights equal an uninterrupted run's."""
     rng = random.Random(20240611)
-    kill_steps = [rng.randint(1, 2)]
-    for _ in range(2):
-        kill_steps.append(kill_steps[-1] + rng.randint(3, 4))
     mid_save = rng.randrange(3)  # which kill happens while a checkpoint is being written
-    total = kill_steps[-1] + 3
+    # each kill lands 2-3 steps past the step the previous one resumed from (so the paused save
+    # is always still ahead), which bounds the last kill at 2 + 4 + 4 + (a step of slack)
+    total = 14
     run = tmp_path / "run"
     marker = tmp_path / "pausing"
     resumed_from = []
-    for k, at in enumerate(kill_steps):
+    at = rng.randint(1, 2)
+    for k in range(3):
         cli = _cli_args(run, total, *(["--resume"] if k else []))
         if k == mid_save:
             proc = _spawn([str(TESTS / "reliability_worker.py"), str(at), str(marker), *cli])
             _wait(proc, marker.exists, f"the save of step {at}")
         else:
             proc = _spawn(["-m", "vsd.core.cli", *cli])
+            _wait(proc, lambda: _newest_saved(run) >= at - 1, f"the checkpoint of step {at - 1}")
+            start = time.time()
             _wait(proc, lambda: _newest_saved(run) >= at, f"the checkpoint of step {at}")
-            time.sleep(rng.uniform(0.0, 0.5))  # somewhere inside a later step
+            # somewhere inside a later step: up to one step's duration, however fast steps are
+            time.sleep(rng.uniform(0.0, time.time() - start))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         progress = _logged_steps(run)  # the last step completed and logged before the kill
@@ -157,6 +160,7 @@ def test_sigkill_at_random_moments_then_resume_matches_the_uninterrupted_run(tmp
             assert not (run / "checkpoints" / f"step_{at:08d}.pt.sha256").exists()
         assert 0 <= progress - state["step"] <= 1, f"kill {k}: logged {progress}, resumable {state['step']}"
         resumed_from.append(state["step"])
+        at = state["step"] + rng.randint(2, 3)
     assert main(_cli_args(run, total, "--resume")) == 0
     assert main(_cli_args(tmp_path / "straight", total)) == 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ...core.settings import Settings as _Settings
 from ...core.unet3d import group_norm
@@ -51,13 +50,14 @@ class AttentionAggregator(Aggregator):
         residual = learned if query is None else query
         q_in = learned if query is None else query + learned
         heads, dh = self.heads, C // self.heads
-        q = self.to_q(q_in.flatten(2).transpose(1, 2))  # (B, N, C)
-        kv = feats.flatten(3).permute(0, 3, 1, 2)  # (B, N, V, C)
-        k, v = self.to_k(kv), self.to_v(kv)
-        N = q.shape[1]
-        q = q.reshape(B * N, 1, heads, dh).transpose(1, 2)  # (B*N, heads, 1, dh)
-        k = k.reshape(B * N, V, heads, dh).transpose(1, 2)  # (B*N, heads, V, dh)
-        v = v.reshape(B * N, V, heads, dh).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B*N, heads, 1, dh)
-        out = self.to_out(out.transpose(1, 2).reshape(B, N, C))
-        return self.norm(residual + out.transpose(1, 2).reshape(B, C, *spatial))
+        # Channels-first throughout: with one query and a handful of keys per voxel, a fused
+        # attention kernel spends its time on setup, and moving channels last costs copies.
+        q = torch.matmul(self.to_q.weight, q_in.flatten(2))  # (B, C, N)
+        kv = feats.flatten(3)  # (B, V, C, N)
+        k, v = torch.matmul(self.to_k.weight, kv), torch.matmul(self.to_v.weight, kv)
+        N = q.shape[-1]
+        scores = (q[:, None] * k).reshape(B, V, heads, dh, N).sum(3) * dh**-0.5  # (B, V, heads, N)
+        attn = scores.softmax(dim=1)
+        out = (attn[:, :, :, None] * v.reshape(B, V, heads, dh, N)).sum(1).reshape(B, C, N)
+        out = torch.baddbmm(self.to_out.bias[:, None], self.to_out.weight.expand(B, -1, -1), out)
+        return self.norm(residual + out.reshape(B, C, *spatial))

@@ -1,0 +1,105 @@
+"""Trilinear sampling of small volumes at many points, through the 2D bilinear kernel.
+
+On CPU, torch's ``grid_sample`` for volumes runs a generic scalar loop, while the 2D kernel is
+vectorised: sampling a 16^3 grid at half a million ray samples costs several times more in 3D
+than the same number of bilinear lookups in 2D. :func:`sample_volume` therefore lays the volume
+out as one image and does the trilinear blend as one bilinear lookup plus a lerp in z:
+
+* the volume is padded by one voxel (zeros, or edge values for "border" channels), so that
+  coordinates clamped to the padded box give exactly ``grid_sample``'s ``zeros`` / ``border``
+  padding without any special case at the faces;
+* each z-slice is stacked, along the channels, with the slice above it, and the slices are tiled
+  into a near-square image; a point in cell ``z0`` reads both slices of tile ``z0`` in one
+  bilinear lookup and blends them with its fraction in z.
+
+Tiles are square-ish so that pixel coordinates stay small (below ~100 for a 16^3 volume) and
+the normalised float32 coordinates the 2D kernel takes keep ~1e-5 of a voxel of precision. The
+backward is written out (one 2D ``grid_sampler_2d_backward`` call) so that autograd keeps no
+large intermediate tensors for the split and the lerp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_BILINEAR, _ZEROS = 0, 0  # grid_sampler_2d's interpolation and padding enums
+
+
+class _SlabLookup(torch.autograd.Function):
+    """image (B, 2C, Hi, Wi), grid (B, 1, N, 2) normalised, fz (B, 1, N), k
+    -> channels (B, k, N) and (B, C - k, N).
+
+    Two outputs rather than one sliced by the caller: autograd would otherwise zero-fill and
+    copy a full-size gradient for each slice.
+    """
+
+    @staticmethod
+    def forward(ctx, image: Tensor, grid: Tensor, fz: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        both = torch.grid_sampler_2d(image, grid, _BILINEAR, _ZEROS, True)[:, :, 0]  # (B, 2C, N)
+        C = image.shape[1] // 2
+        ctx.save_for_backward(image, grid, fz)
+        ctx.k = k
+        out = torch.lerp(both[:, :C], both[:, C:], fz)
+        return out[:, :k], out[:, k:]
+
+    @staticmethod
+    def backward(ctx, g_first: Tensor | None, g_rest: Tensor | None):
+        image, grid, fz = ctx.saved_tensors
+        B, C2, k = image.shape[0], image.shape[1], ctx.k
+        C = C2 // 2
+        # (B, 2C, 1, N): the gradient of the lower slice's channels, then the upper slice's
+        g_both = image.new_empty(B, C2, 1, grid.shape[2])
+        for lo, hi, g in ((0, k, g_first), (k, C, g_rest)):
+            if g is None:
+                g_both[:, lo:hi].zero_()
+                g_both[:, C + lo : C + hi].zero_()
+            else:
+                upper = torch.mul(g, fz, out=g_both[:, C + lo : C + hi, 0])
+                torch.sub(g, upper, out=g_both[:, lo:hi, 0])
+        g_image, _ = torch.ops.aten.grid_sampler_2d_backward(
+            g_both, image, grid, _BILINEAR, _ZEROS, True, [ctx.needs_input_grad[0], False]
+        )
+        return g_image, None, None, None
+
+
+def sample_volume(volume: Tensor, points: Tensor, bound: float = 1.0, zero_channels: int = 0) -> tuple[Tensor, Tensor]:
+    """Trilinearly sample ``volume`` (B, C, D, H, W) spanning ``[-bound, bound]^3`` at ``points``
+    (B, N, 3) -> the first ``zero_channels`` channels (B, k, N) and the others (B, C - k, N).
+
+    Same result as ``F.grid_sample(volume, (points / bound)[:, None, None], align_corners=False)``
+    with ``padding_mode="zeros"`` for the first ``zero_channels`` channels and ``"border"`` for
+    the rest: points are (x, y, z), voxel centres at ``bound ((2 i + 1) / size - 1)``. Gradients
+    flow to ``volume`` (not to ``points``).
+    """
+    B, C, D, H, W = volume.shape
+    k = zero_channels
+    pads = [F.pad(volume[:, :k], (1,) * 6)] if k else []
+    pads += [F.pad(volume[:, k:], (1,) * 6, mode="replicate")] if k < C else []
+    padded = torch.cat(pads, 1)  # (B, C, D+2, H+2, W+2)
+    Dp, Hp, Wp = D + 2, H + 2, W + 2
+    above = torch.cat([padded[:, :, 1:], padded[:, :, -1:]], 2)  # slice z+1 beside slice z
+    slabs = torch.cat([padded, above], 1)  # (B, 2C, Dp, Hp, Wp)
+    cols = math.ceil(math.sqrt(Dp * Hp / Wp))  # near-square image
+    rows = math.ceil(Dp / cols)
+    slabs = F.pad(slabs, (0, 0, 0, 0, 0, rows * cols - Dp))
+    image = slabs.reshape(B, 2 * C, rows, cols, Hp, Wp).permute(0, 1, 2, 4, 3, 5).reshape(B, 2 * C, rows * Hp, cols * Wp)
+
+    with torch.no_grad():
+        opts = {"dtype": points.dtype, "device": points.device}
+        size = torch.tensor([W, H, D], **opts)
+        # padded voxel-index coordinates (centre of padded voxel i at i), clamped into the box
+        idx = torch.addcmul(0.5 * size + 0.5, points, 0.5 * size / bound)
+        idx = idx.clamp_(torch.zeros(3, **opts), torch.tensor([Wp - 1, Hp - 1, Dp - 1], **opts))
+        z0 = idx[..., 2].floor().clamp_max_(Dp - 2)
+        fz = idx[..., 2] - z0
+        # normalised image coordinates: x and y scaled, plus the offset of tile z0
+        scale = torch.tensor([2 / (cols * Wp - 1), 2 / (rows * Hp - 1)], **opts)
+        tile = torch.arange(Dp - 1, device=points.device)
+        origin = torch.stack([tile % cols * Wp, tile // cols * Hp], -1).to(points.dtype) * scale - 1  # (Dp-1, 2)
+        grid = torch.addcmul(origin.index_select(0, z0.long().flatten()).view(*z0.shape, 2), idx[..., :2], scale)
+    grid = grid[:, None]  # (B, 1, N, 2)
+    return _SlabLookup.apply(image, grid, fz[:, None], zero_channels)
