@@ -160,7 +160,8 @@ class Cameras:
         ``depth: (..., N)`` along the camera's z axis.
         """
         w2c = torch.linalg.inv(self.c2w)
-        p = (w2c[..., None, :3, :3] @ points[..., None])[..., 0] + w2c[..., None, :3, 3]
+        # one (N, 3) x (3, 3) product per camera rather than N tiny ones
+        p = points @ w2c[..., :3, :3].transpose(-1, -2) + w2c[..., None, :3, 3]
         z = p[..., 2]
         zc = z.clamp(min=1e-6)
         K = self.K[..., None, :]

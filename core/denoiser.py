@@ -22,7 +22,7 @@ from ..plugins.encoders.base import Encoder
 from .cameras import Cameras
 from .embeddings import TimestepEmbedding
 from .settings import Settings
-from .unet3d import Downsample3d, LinearAttention3d, PointwiseConv3d, ResBlock3d, Upsample3d, group_norm
+from .unet3d import Downsample3d, LinearAttention3d, PointwiseConv3d, ResBlock3d, Upsample3d, group_norm, pointwise
 from .unproject import unproject
 
 IN_CHANNELS = 12  # RGB, ray origin, ray direction, self-conditioning RGB
@@ -185,5 +185,9 @@ class Denoiser(nn.Module):
         self_cond = torch.zeros_like(images) if self_cond is None else self_cond
         x = torch.cat([images, origins.movedim(-1, 2), dirs.movedim(-1, 2), self_cond], dim=2)
         f = self.encoder(x.reshape(B * V, IN_CHANNELS, H, W).to(images.dtype), temb)
+        # The 1x1 lift commutes with unprojection (a linear map per pixel vs per voxel; masked
+        # voxels get the bias alone either way), so it runs on the h x w map instead of D^3
+        # voxels and fewer channels are sampled.
+        f = pointwise(self.lift.weight, f)
         vol = unproject(f.reshape(B, V, *f.shape[1:]), cameras, self.settings.volume_size, self.bound)
-        return self.lift(vol.flatten(0, 1))
+        return vol.flatten(0, 1) + self.lift.bias[:, None, None, None]

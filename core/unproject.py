@@ -33,15 +33,16 @@ def unproject(features: Tensor, cameras: Cameras, resolution: int, bound: float)
     size = torch.tensor([w, h], device=uv.device, dtype=uv.dtype)
     inside = ((uv >= 0) & (uv <= size)).all(-1) & (depth > 0)  # (B, V, N)
     # Pixel centres sit at +0.5, so pixel coordinate u maps to 2 u / w - 1 under align_corners=False.
-    grid = torch.where(inside[..., None], 2 * uv / size - 1, torch.zeros_like(uv))
-    # Border padding keeps the outermost half-pixel of the image at full strength; points truly
-    # outside are zeroed by the mask instead.
+    # Clamping to the outermost pixel centres keeps the image's last half-pixel at full strength
+    # (border padding); voxels that miss the image are sent far outside, where zero padding
+    # gives exactly 0 - no mask has to multiply the sampled features.
+    half = torch.full_like(size, 0.5)
+    grid = torch.where(inside[..., None], 2 * torch.minimum(uv.clamp_min(0.5), size - half) / size - 1, 3.0)
     sampled = F.grid_sample(
         features.reshape(B * V, C, h, w),
         grid.reshape(B * V, 1, -1, 2),
         mode="bilinear",
-        padding_mode="border",
+        padding_mode="zeros",
         align_corners=False,
     )  # (B*V, C, 1, N)
-    sampled = sampled.reshape(B, V, C, -1) * inside[:, :, None].to(sampled.dtype)
     return sampled.reshape(B, V, C, resolution, resolution, resolution)

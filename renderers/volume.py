@@ -39,11 +39,31 @@ def _notice_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def _channels_first(rgbs: Tensor) -> bool:
+    """Whether (..., S, 3) colours are stored channel by channel (a transposed view, as fields
+    that sample all channels of a grid at once return them)."""
+    return rgbs.stride(-1) != 1
+
+
+def _over_samples(weights: Tensor, rgbs: Tensor) -> Tensor:
+    """sum_s weights (..., S) * rgbs (..., S, 3) -> (..., 3), in the cheaper form for the layout:
+    a batched contraction reads channel-last colours in place but copies channel-first ones."""
+    if _channels_first(rgbs):
+        return (weights[..., None] * rgbs).sum(-2)
+    return torch.einsum("...s,...sc->...c", weights, rgbs)
+
+
+def _over_channels(rgbs: Tensor, g: Tensor) -> Tensor:
+    """sum_c rgbs (..., S, 3) * g (..., 3) -> (..., S), as :func:`_over_samples` chooses."""
+    if _channels_first(rgbs):
+        return (rgbs * g[..., None, :]).sum(-1)
+    return torch.einsum("...sc,...c->...s", rgbs, g)
+
+
 def accumulate(weights: Tensor, rgbs: Tensor, t_samples: Tensor, background: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Sample weights (..., S) -> colour over the background (..., 3), depth (...), opacity (...)."""
     opacity = weights.sum(-1)
-    # one contraction instead of an (..., S, 3) product and a sum
-    color = torch.einsum("...s,...sc->...c", weights, rgbs) + (1.0 - opacity[..., None]) * background
+    color = _over_samples(weights, rgbs) + (1.0 - opacity[..., None]) * background
     return color, (weights * t_samples).sum(-1), opacity
 
 
@@ -62,8 +82,9 @@ class _Composite(torch.autograd.Function):
         tau = sigmas * deltas
         # T_i as the exp of an exclusive cumulative sum: same as the product of (1 - alpha) but
         # with a well-defined gradient where alpha reaches 1; w_i = T_i - T_{i+1}
-        trans = torch.exp(tau - torch.cumsum(tau, dim=-1))
-        trans_next = trans * torch.exp(-tau)
+        depth_in = torch.cumsum(tau, dim=-1)  # optical depth at each interval's end
+        trans = torch.exp(tau - depth_in)
+        trans_next = torch.exp(-depth_in)
         weights = trans - trans_next
         color, depth, opacity = accumulate(weights, rgbs, t_samples, background)
         ctx.set_materialize_grads(False)  # outputs the loss does not use (depth, ...) get None, not zeros
@@ -76,7 +97,7 @@ class _Composite(torch.autograd.Function):
         # a_i = dL/dw_i: colour (c_i - background), depth t_i, opacity 1, and weights directly
         terms = []
         if g_color is not None:
-            terms.append(torch.einsum("...sc,...c->...s", rgbs, g_color) - (g_color * background).sum(-1, keepdim=True))
+            terms.append(_over_channels(rgbs, g_color) - (g_color * background).sum(-1, keepdim=True))
         if g_depth is not None:
             terms.append(g_depth[..., None] * t_samples)
         if g_opacity is not None:
@@ -92,7 +113,10 @@ class _Composite(torch.autograd.Function):
         after = aw.sum(-1, keepdim=True) - torch.cumsum(aw, dim=-1)  # sum over i > k
         g_tau = a * trans_next - after
         g_sigmas = g_tau * deltas if ctx.needs_input_grad[0] else None
-        g_rgbs = weights.unsqueeze(-1) * g_color.unsqueeze(-2) if ctx.needs_input_grad[1] and g_color is not None else None
+        g_rgbs = None
+        if ctx.needs_input_grad[1] and g_color is not None:
+            # in the colours' own layout, so that the field's backward reads it contiguously
+            g_rgbs = torch.mul(weights.unsqueeze(-1), g_color.unsqueeze(-2), out=torch.empty_like(rgbs))
         g_deltas = g_tau * sigmas if ctx.needs_input_grad[2] else None
         g_t = g_depth[..., None] * weights if ctx.needs_input_grad[3] and g_depth is not None else None
         g_bg = None
@@ -241,9 +265,12 @@ class VolumeRenderer(Renderer):
         t_in, t_out = self.ray_range(origins, dirs, field.bound)
         bg = background[:, None].expand(B, R, 3)
 
-        offset = torch.rand(B, R, S, device=dirs.device, dtype=dirs.dtype) if self.training else 0.5
-        u = (torch.arange(S, device=dirs.device, dtype=dirs.dtype) + offset) / S
-        t = t_in[..., None] + u * (t_out - t_in)[..., None]  # (B, R, S), sorted
+        steps = torch.arange(S, device=dirs.device, dtype=dirs.dtype)
+        if self.training:
+            u = torch.rand(B, R, S, device=dirs.device, dtype=dirs.dtype).add_(steps).div_(S)
+        else:
+            u = (steps + 0.5) / S
+        t = torch.addcmul(t_in[..., None], u, (t_out - t_in)[..., None])  # (B, R, S), sorted
         sigma, rgb = self.query(field, origins, dirs, t)
         starts, ends = _edges(t, t_in, t_out)
         if N > 0:
@@ -261,6 +288,6 @@ class VolumeRenderer(Renderer):
     def query(field: Field, origins: Tensor, dirs: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Field at distances t (B, R, S) along the rays -> sigma (B, R, S), rgb (B, R, S, 3)."""
         B, R, S = t.shape
-        points = origins[..., None, :] + t[..., None] * dirs[..., None, :]
+        points = torch.addcmul(origins[..., None, :], t[..., None], dirs[..., None, :])
         sigma, rgb = field.query(points.reshape(B, R * S, 3))
         return sigma.reshape(B, R, S), rgb.reshape(B, R, S, 3)

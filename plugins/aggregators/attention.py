@@ -52,10 +52,11 @@ class AttentionAggregator(Aggregator):
         heads, dh = self.heads, C // self.heads
         # Channels-first throughout: with one query and a handful of keys per voxel, a fused
         # attention kernel spends its time on setup, and moving channels last costs copies.
-        q = torch.matmul(self.to_q.weight, q_in.flatten(2))  # (B, C, N)
-        kv = feats.flatten(3)  # (B, V, C, N)
-        k, v = torch.matmul(self.to_k.weight, kv), torch.matmul(self.to_v.weight, kv)
-        N = q.shape[-1]
+        N = q_in[0, 0].numel()
+        q = torch.bmm(self.to_q.weight.expand(B, -1, -1), q_in.reshape(B, C, N))  # (B, C, N)
+        w_kv = torch.cat([self.to_k.weight, self.to_v.weight]).expand(B * V, -1, -1)
+        kv = torch.bmm(w_kv, feats.reshape(B * V, C, N)).view(B, V, 2 * C, N)
+        k, v = kv[:, :, :C], kv[:, :, C:]  # (B, V, C, N) each
         scores = (q[:, None] * k).reshape(B, V, heads, dh, N).sum(3) * dh**-0.5  # (B, V, heads, N)
         attn = scores.softmax(dim=1)
         out = (attn[:, :, :, None] * v.reshape(B, V, heads, dh, N)).sum(1).reshape(B, C, N)
