@@ -55,8 +55,11 @@ def _over_samples(weights: Tensor, rgbs: Tensor) -> Tensor:
 
 def _over_channels(rgbs: Tensor, g: Tensor) -> Tensor:
     """sum_c rgbs (..., S, 3) * g (..., 3) -> (..., S), as :func:`_over_samples` chooses."""
-    if _channels_first(rgbs):
-        return (rgbs * g[..., None, :]).sum(-1)
+    if _channels_first(rgbs):  # one multiply-add per channel plane
+        out = rgbs[..., 0] * g[..., 0, None]
+        for c in range(1, rgbs.shape[-1]):
+            out = torch.addcmul(out, rgbs[..., c], g[..., c, None])
+        return out
     return torch.einsum("...sc,...c->...s", rgbs, g)
 
 
@@ -288,6 +291,10 @@ class VolumeRenderer(Renderer):
     def query(field: Field, origins: Tensor, dirs: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Field at distances t (B, R, S) along the rays -> sigma (B, R, S), rgb (B, R, S, 3)."""
         B, R, S = t.shape
-        points = torch.addcmul(origins[..., None, :], t[..., None], dirs[..., None, :])
-        sigma, rgb = field.query(points.reshape(B, R * S, 3))
+        # stored coordinate-major ((3, B, R, S) memory seen as (B, R*S, 3)): fields that work per
+        # axis read contiguous rows, and nothing loops over an inner dimension of 3
+        points = t.new_empty(3, B, R, S)
+        for k in range(3):
+            torch.addcmul(origins[..., k, None], t, dirs[..., k, None], out=points[k])
+        sigma, rgb = field.query(points.permute(1, 2, 3, 0).reshape(B, R * S, 3))
         return sigma.reshape(B, R, S), rgb.reshape(B, R, S, 3)

@@ -89,17 +89,23 @@ def sample_volume(volume: Tensor, points: Tensor, bound: float = 1.0, zero_chann
     image = slabs.reshape(B, 2 * C, rows, cols, Hp, Wp).permute(0, 1, 2, 4, 3, 5).reshape(B, 2 * C, rows * Hp, cols * Wp)
 
     with torch.no_grad():
-        opts = {"dtype": points.dtype, "device": points.device}
-        size = torch.tensor([W, H, D], **opts)
-        # padded voxel-index coordinates (centre of padded voxel i at i), clamped into the box
-        idx = torch.addcmul(0.5 * size + 0.5, points, 0.5 * size / bound)
-        idx = idx.clamp_(torch.zeros(3, **opts), torch.tensor([Wp - 1, Hp - 1, Dp - 1], **opts))
-        z0 = idx[..., 2].floor().clamp_max_(Dp - 2)
-        fz = idx[..., 2] - z0
+        # per axis, on (B, N) views: contiguous when points are stored coordinate-major (as the
+        # volume renderer makes them), and no inner loop over 3 channels either way
+        def to_index(c: Tensor, n: int) -> Tensor:  # padded voxel index (centre of i at i), clamped
+            return c.mul(0.5 * n / bound).add_(0.5 * n + 0.5).clamp_(0, n + 1)
+
+        x, y, z = points.unbind(-1)
+        ix, iy, iz = to_index(x, W), to_index(y, H), to_index(z, D)
+        z0 = iz.floor().clamp_max_(Dp - 2)
+        fz = iz.sub_(z0)
         # normalised image coordinates: x and y scaled, plus the offset of tile z0
-        scale = torch.tensor([2 / (cols * Wp - 1), 2 / (rows * Hp - 1)], **opts)
+        sx, sy = 2 / (cols * Wp - 1), 2 / (rows * Hp - 1)
         tile = torch.arange(Dp - 1, device=points.device)
-        origin = torch.stack([tile % cols * Wp, tile // cols * Hp], -1).to(points.dtype) * scale - 1  # (Dp-1, 2)
-        grid = torch.addcmul(origin.index_select(0, z0.long().flatten()).view(*z0.shape, 2), idx[..., :2], scale)
+        ox = (tile % cols * Wp).to(points.dtype) * sx - 1
+        oy = (tile // cols * Hp).to(points.dtype) * sy - 1
+        z0 = z0.long().flatten()
+        gx = ox.index_select(0, z0).view_as(ix).add_(ix, alpha=sx)
+        gy = oy.index_select(0, z0).view_as(iy).add_(iy, alpha=sy)
+        grid = torch.stack([gx, gy], -1)
     grid = grid[:, None]  # (B, 1, N, 2)
     return _SlabLookup.apply(image, grid, fz[:, None], zero_channels)
