@@ -104,8 +104,7 @@ def sample_volume(volume: Tensor, points: Tensor, bound: float = 1.0, zero_chann
         ox = (tile % cols * Wp).to(points.dtype) * sx - 1
         oy = (tile // cols * Hp).to(points.dtype) * sy - 1
         z0 = z0.long().flatten()
-        gx = ox.index_select(0, z0).view_as(ix).add_(ix, alpha=sx)
-        gy = oy.index_select(0, z0).view_as(iy).add_(iy, alpha=sy)
-        grid = torch.stack([gx, gy], -1)
-    grid = grid[:, None]  # (B, 1, N, 2)
+        grid = points.new_empty(B, 1, points.shape[1], 2)  # written in place: no stacking pass
+        torch.add(ox.index_select(0, z0).view_as(ix), ix, alpha=sx, out=grid[:, 0, :, 0])
+        torch.add(oy.index_select(0, z0).view_as(iy), iy, alpha=sy, out=grid[:, 0, :, 1])
     return _SlabLookup.apply(image, grid, fz[:, None], zero_channels)

@@ -54,9 +54,9 @@ class AttentionAggregator(Aggregator):
         # attention kernel spends its time on setup, and moving channels last costs copies.
         N = q_in[0, 0].numel()
         q = torch.bmm(self.to_q.weight.expand(B, -1, -1), q_in.reshape(B, C, N))  # (B, C, N)
-        w_kv = torch.cat([self.to_k.weight, self.to_v.weight]).expand(B * V, -1, -1)
-        kv = torch.bmm(w_kv, feats.reshape(B * V, C, N)).view(B, V, 2 * C, N)
-        k, v = kv[:, :, :C], kv[:, :, C:]  # (B, V, C, N) each
+        flat = feats.reshape(B * V, C, N)
+        # two products rather than one sliced in two: a slice's backward zero-fills the whole
+        k, v = (torch.bmm(lin.weight.expand(B * V, -1, -1), flat).view(B, V, C, N) for lin in (self.to_k, self.to_v))
         scores = (q[:, None] * k).reshape(B, V, heads, dh, N).sum(3) * dh**-0.5  # (B, V, heads, N)
         attn = scores.softmax(dim=1)
         out = (attn[:, :, :, None] * v.reshape(B, V, heads, dh, N)).sum(1).reshape(B, C, N)
