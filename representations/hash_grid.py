@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..core.settings import Settings as BaseSettings
 from ..core.unet3d import PointwiseConv3d
 from .base import Field, Representation
+from .grid_sample import sample_volume
 from .triplane import mlp
 
 try:
@@ -98,6 +99,7 @@ class HashEncoding(nn.Module):
         self.resolutions = level_resolutions(levels, min_resolution, max_resolution)
         self.dense = [(n + 1) ** 3 <= self.table_size for n in self.resolutions]
         self.register_buffer("_res", torch.tensor(self.resolutions), persistent=False)
+        self._entries: dict = {}  # (level, device) -> table entries of a hashed level's vertices
         self.table = None
         if learnable:
             # small uniform init as in Instant-NGP: features start near zero but not symmetric
@@ -118,28 +120,31 @@ class HashEncoding(nn.Module):
             return ijk[..., 0] + side * (ijk[..., 1] + side * ijk[..., 2])
         return spatial_hash(ijk, self.table_size)
 
-    def corners(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """points (M, 3) world -> table indices (L, 8, M) and trilinear weights (L, 8, M).
+    def corners(self, points: Tensor, levels: range | None = None) -> tuple[Tensor, Tensor]:
+        """points (M, 3) world -> table indices (L', 8, M) and trilinear weights (L', 8, M) of
+        ``levels`` (default all).
 
         Corner c has offsets ``(c & 1, c >> 1 & 1, c >> 2 & 1)``. Each axis contributes a lower
         and an upper term, combined by broadcasting, and the points run along the last,
         contiguous dimension: these are the encoding's largest tensors at training scale, and
         this layout keeps both their count and the cost of the elementwise kernels down.
         """
+        levels = range(self.levels) if levels is None else levels
+        res = self._res[levels.start : levels.stop]
         u = ((points.t() / self.bound + 1) / 2).clamp(0, 1)  # (3, M)
-        x = u * self._res[:, None, None].to(u)  # (L, 3, M)
+        x = u * res[:, None, None].to(u)  # (L', 3, M)
         # the last cell also owns the upper face, so u = 1 interpolates instead of overflowing
-        cell = torch.minimum(x.floor().long(), self._res[:, None, None] - 1)
+        cell = torch.minimum(x.floor().long(), res[:, None, None] - 1)
         frac = x - cell
-        lo_hi = cell[:, :, None] + torch.arange(2, device=cell.device)[:, None]  # (L, 3, 2, M)
-        w = torch.stack([1 - frac, frac], 2)  # (L, 3, 2, M)
+        lo_hi = cell[:, :, None] + torch.arange(2, device=cell.device)[:, None]  # (L', 3, 2, M)
+        w = torch.stack([1 - frac, frac], 2)  # (L', 3, 2, M)
 
-        def corners8(a: Tensor, op) -> Tensor:  # per-axis (L, 3, 2, M) -> (L, 8, M), x fastest
+        def corners8(a: Tensor, op) -> Tensor:  # per-axis (L', 3, 2, M) -> (L', 8, M), x fastest
             return op(op(a[:, 2, :, None, None], a[:, 1, None, :, None]), a[:, 0, None, None, :]).flatten(1, 3)
 
         # resolutions grow with the level, so the dense levels are the first ones
-        nd = sum(self.dense)
-        side = self._res[:nd] + 1
+        nd = sum(self.dense[levels.start : levels.stop])
+        side = res[:nd] + 1
         strides = torch.stack([torch.ones_like(side), side, side * side], -1)[..., None, None]  # (Ld, 3, 1, 1)
         dense = corners8(lo_hi[:nd] * strides, torch.add)
         primes = torch.tensor(PRIMES, device=cell.device)[:, None, None]
@@ -147,18 +152,59 @@ class HashEncoding(nn.Module):
         return torch.cat([dense, hashed]), corners8(w, torch.mul)
 
     def forward(self, points: Tensor, tables: Tensor | None = None) -> Tensor:
-        """points (B, N, 3), tables (B, L, T, F) or None -> features (B, N, L * F), level-major."""
+        """points (B, N, 3), tables (B, L, T, F) or None -> features (B, N, L * F), level-major.
+
+        Trilinear interpolation of a level's entries is trilinear interpolation of the vertex
+        grid they populate, so a level whose (n+1)^3 vertices are fewer than the 8 B N corners
+        the points would gather is expanded to that grid (a dense level's table already is it;
+        a hashed level's is gathered at every vertex) and interpolated as a volume
+        (:func:`~vsd.representations.grid_sample.sample_volume`). The finer levels gather their
+        points' corners. Both give the same features and gradients.
+        """
         B, N, _ = points.shape
         L, T, Fl = self.levels, self.table_size, self.features
         if tables is None:
             if self.table is None:
                 raise ValueError("HashEncoding: no tables given and the encoding has no table of its own")
-            rows, per_object = self.table.reshape(L * T, Fl), 0  # one table shared by the batch
+            tables = self.table.expand(B, -1, -1, -1)  # one table shared by the batch
+        elif tables.shape[1:] != (L, T, Fl):
+            raise ValueError(f"HashEncoding: tables must be (B, {L}, {T}, {Fl}), got {tuple(tables.shape)}")
+        # resolutions grow with the level: the levels read as grids are the first ones
+        as_grid = sum(dense or (n + 1) ** 3 <= 8 * B * N for dense, n in zip(self.dense, self.resolutions))
+        out = [self._grid_level(points, tables, level) for level in range(as_grid)]
+        if as_grid < L:
+            out.append(self._hashed_levels(points, tables, as_grid))
+        return torch.cat(out, -1)
+
+    def _grid_level(self, points: Tensor, tables: Tensor, level: int) -> Tensor:
+        """(B, N, F) features of one level, interpolated on its (B, F, n+1, n+1, n+1) vertex grid."""
+        n = self.resolutions[level]
+        side = n + 1
+        if self.dense[level]:
+            values = tables[:, level, : side**3]
         else:
-            if tables.shape[1:] != (L, T, Fl):
-                raise ValueError(f"HashEncoding: tables must be (B, {L}, {T}, {Fl}), got {tuple(tables.shape)}")
-            rows, per_object = tables.reshape(B * L * T, Fl), L * T
-        idx, w = self.corners(points.reshape(B * N, 3))
+            values = tables[:, level].index_select(1, self._vertex_entries(level, tables.device))
+        grid = values.unflatten(1, (side, side, side)).permute(0, 4, 1, 2, 3)  # indexed [k, j, i]
+        # vertex i sits at u = i / n; as a voxel centre of a side^3 grid that is the cube of
+        # half-width bound * side / n, and border padding is the clamp of u to [0, 1]
+        return sample_volume(grid, points, self.bound * side / n)[1].transpose(1, 2)
+
+    def _vertex_entries(self, level: int, device) -> Tensor:
+        """Table entries of all vertices of a hashed level, in [k, j, i] grid order (cached)."""
+        key = (level, str(device))
+        if key not in self._entries:
+            self._entries[key] = self.index(self.vertices(level, device)[0], level)
+        return self._entries[key]
+
+    def _hashed_levels(self, points: Tensor, tables: Tensor, first: int) -> Tensor:
+        """(B, N, L'' F) features of levels ``first``.. by gathering their 8 corners' entries."""
+        B, N, _ = points.shape
+        T, Fl = self.table_size, self.features
+        levels = range(first, self.levels)
+        L = len(levels)
+        per_object = 0 if tables.stride(0) == 0 else L * T
+        rows = tables[:, first:].reshape(-1, Fl) if per_object else tables[0, first:].reshape(L * T, Fl)
+        idx, w = self.corners(points.reshape(B * N, 3), levels)
         # row of (object b, level l, entry i) in the flattened tables; points are b-major
         offset = torch.arange(L, device=idx.device)[:, None] * T + torch.arange(B, device=idx.device).repeat_interleave(N) * per_object
         # index_select: its backward is a scatter-add (embedding's sorts the indices first)
