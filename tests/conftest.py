@@ -31,6 +31,16 @@ def _small_torch():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_real_skins_from_the_checkout(monkeypatch, tmp_path_factory):
+    """``skins: auto`` looks for ./data/minens_real, which a developer's checkout may hold: the
+    tests train on procedural skins whatever the working directory holds (training
+    subprocesses run in tests/, where there is none)."""
+    from vsd.plugins.datasets import minens
+
+    monkeypatch.setattr(minens, "AUTO_SKINS", tmp_path_factory.getbasetemp() / "no-real-skins")
+
+
 @pytest.fixture
 def tiny_recipe():
     from vsd.core.recipe import load_recipe

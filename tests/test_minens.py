@@ -1,5 +1,6 @@
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,9 +275,11 @@ def test_settings_and_split_are_checked():
 
 
 def test_auto_skins_use_the_real_skin_folder_when_present(tmp_path, monkeypatch):
+    from vsd.plugins.datasets import minens
     from vsd.plugins.datasets.minens import resolve_skins
     from vsd.plugins.datasets.skins import procedural_skin, save_skin
 
+    monkeypatch.setattr(minens, "AUTO_SKINS", Path("data/minens_real/skins"))  # the default (conftest hides it)
     monkeypatch.chdir(tmp_path)
     assert resolve_skins("auto") == "procedural"
     folder = tmp_path / "data" / "minens_real" / "skins"
