@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
 from .base import Mesh, Representation
+from .grid_sample import sample_features
 from .marching_tets import marching_tets
 from .tetgrid import TetGrid, tet_grid
 
@@ -44,16 +45,6 @@ class TetFields:
     sdf: Tensor
     vertices: Tensor
     grid: TetGrid
-
-
-def sample_volume(volume: Tensor, points: Tensor, bound: float) -> Tensor:
-    """Trilinear features (B, N, C) of volume (B, C, D, D, D) at world points (B, N, 3).
-
-    Follows the feature-volume convention; points outside the cube take the border value.
-    """
-    grid = (points / bound)[:, None, None]  # (B, 1, 1, N, 3) in x, y, z order
-    out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[:, :, 0, 0].transpose(1, 2)
 
 
 def _mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
@@ -147,7 +138,7 @@ class DMTet(Representation):
 
     def _inputs(self, volume: Tensor, points: Tensor) -> Tensor:
         """MLP inputs (B, N, C + 3): features at world points (B, N, 3) and the points / bound."""
-        return torch.cat([sample_volume(volume, points, self.bound), points / self.bound], -1)
+        return torch.cat([sample_features(volume, points, self.bound), points / self.bound], -1)
 
     def sdf_regulariser(self, volume: Tensor) -> Tensor:
         """Scalar :func:`sdf_sign_regulariser` of this volume's SDF (an optional extra loss)."""

@@ -108,3 +108,9 @@ def sample_volume(volume: Tensor, points: Tensor, bound: float = 1.0, zero_chann
         torch.add(ox.index_select(0, z0).view_as(ix), ix, alpha=sx, out=grid[:, 0, :, 0])
         torch.add(oy.index_select(0, z0).view_as(iy), iy, alpha=sy, out=grid[:, 0, :, 1])
     return _SlabLookup.apply(image, grid, fz[:, None], zero_channels)
+
+
+def sample_features(volume: Tensor, points: Tensor, bound: float = 1.0) -> Tensor:
+    """Features (B, N, C) of ``volume`` (B, C, D, H, W) at world points (B, N, 3): trilinear,
+    points outside the cube take the border value (:func:`sample_volume` with border padding)."""
+    return sample_volume(volume, points, bound)[1].transpose(1, 2)

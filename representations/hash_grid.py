@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..core.settings import Settings as BaseSettings
 from ..core.unet3d import PointwiseConv3d
 from .base import Field, Representation
-from .grid_sample import sample_volume
+from .grid_sample import sample_features, sample_volume
 from .triplane import mlp
 
 try:
@@ -239,10 +239,8 @@ class HashEncoding(nn.Module):
         for level in range(L):  # levels differ in vertex count; a handful of iterations
             ijk, pos = self.vertices(level, volume.device)
             idx = self.index(ijk, level)
-            grid = (pos / self.bound).to(volume)[None, :, None, None].expand(B, -1, 1, 1, 3)
             chans = volume[:, level * Fl : (level + 1) * Fl]
-            feat = F.grid_sample(chans, grid, mode="bilinear", padding_mode="border", align_corners=False)
-            feat = feat[:, :, :, 0, 0].transpose(1, 2)  # (B, V, F)
+            feat = sample_features(chans, pos.to(volume).expand(B, -1, -1), self.bound)  # (B, V, F)
             sums = feat.new_zeros(B, T, Fl).index_add_(1, idx, feat)
             count = torch.zeros(T, device=volume.device, dtype=feat.dtype).index_add_(0, idx, torch.ones_like(idx, dtype=feat.dtype))
             out.append(sums / count.clamp_min(1)[None, :, None])

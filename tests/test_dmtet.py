@@ -15,7 +15,8 @@ from vsd.core.cameras import Cameras
 from vsd.renderers.rasterizer import MeshRasterizer
 from vsd.representations import marching_tets as mt
 from vsd.representations.base import Mesh
-from vsd.representations.dmtet import DMTet, sample_volume, sdf_sign_regulariser
+from vsd.representations.dmtet import DMTet, sdf_sign_regulariser
+from vsd.representations.grid_sample import sample_features
 from vsd.representations.marching_tets import NUM_TRIANGLES, TRIANGLE_TABLE, kaolin_available, marching_tets
 from vsd.representations.tetgrid import tet_grid
 
@@ -192,11 +193,11 @@ def make(**kw) -> DMTet:
     return DMTet(DMTet.Settings(**{"grid_resolution": 8, "hidden": 8, **kw}), in_channels=C, resolution=D, bound=BOUND)
 
 
-def test_sample_volume_follows_the_feature_volume_convention():
+def test_sample_features_follows_the_feature_volume_convention():
     volume = torch.randn(1, C, D, D, D)
     k, j, i = 1, 4, 6
     x = lambda n: BOUND * ((2 * n + 1) / D - 1)  # noqa: E731
-    feats = sample_volume(volume, torch.tensor([[[x(i), x(j), x(k)]]]), BOUND)
+    feats = sample_features(volume, torch.tensor([[[x(i), x(j), x(k)]]]), BOUND)
     torch.testing.assert_close(feats[0, 0], volume[0, :, k, j, i])
 
 
