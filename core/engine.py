@@ -22,11 +22,13 @@ from .viewset import Viewset
 
 @dataclass
 class Prediction:
-    """One denoiser pass: x0 renders (B, V, 3, H, W) in [-1, 1], the full render output, the scene."""
+    """One denoiser pass: x0 renders (B, V, 3, H, W) in [-1, 1], the full render output, the
+    scene, and the feature volume (B, C, D, D, D) the scene was built from."""
 
     x0: Tensor
     render: dict
     scene: object
+    volume: Tensor
 
 
 class _Draws:
@@ -100,10 +102,11 @@ class ViewsetDiffusion(nn.Module):
 
     def predict_from_features(self, feats: ViewFeatures, render_cameras: Cameras, background: Tensor | None = None) -> Prediction:
         """The second half of :meth:`predict`, from per-view features (see Denoiser.encode_views)."""
-        scene = self.representation(self.denoiser.decode(feats))
+        volume = self.denoiser.decode(feats)
+        scene = self.representation(volume)
         bg = self.background(render_cameras.shape[0], render_cameras.device) if background is None else background
         out = self.renderer(scene, render_cameras, bg)
-        return Prediction(out["rgb"] * 2 - 1, out, scene)
+        return Prediction(out["rgb"] * 2 - 1, out, scene, volume)
 
     def render(self, scene, cameras: Cameras, background: Tensor | None = None) -> dict:
         bg = self.background(cameras.shape[0], cameras.device) if background is None else background
@@ -171,11 +174,14 @@ class ViewsetDiffusion(nn.Module):
             snr_w = torch.ones(B, device=dev)
         loss = (per_view * view_w[None] * snr_w[:, None]).sum() / (B * view_w.sum())
         stats = {
-            "loss": loss.detach(),
             "mse": per_view[:, :V].mean().detach(),
             "mse_heldout": per_view[:, V:].mean().detach() if Vt > V else torch.zeros((), device=dev),
         }
-        return loss, stats
+        reg = self.representation.regulariser(pred.volume)
+        if reg is not None:
+            loss = loss + reg
+            stats["regulariser"] = reg.detach()
+        return loss, {"loss": loss.detach(), **stats}
 
     @staticmethod
     def _composite(batch: Viewset, bg: Tensor) -> Tensor:

@@ -55,6 +55,10 @@ class TrainSettings(Settings):
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass (fp16 adds gradient scaling)")
     grad_accum: int = Field(1, ge=1, description="split each process's batch into this many micro-batches (same result, less memory)")
+    init_from: str | None = Field(
+        None,
+        description="start from another model's weights (a checkpoint, run directory, weights file or shipped model name): every tensor whose name and shape match is copied, the rest start fresh",
+    )
     compile: bool = Field(False, description="torch.compile the denoiser (its per-view encoding and its decoding halves)")
     compile_backend: str = Field("inductor", description="torch.compile backend")
     nonfinite: Literal["skip", "stop"] = Field("skip", description="a NaN/Inf loss or gradient: skip that step, or stop the run")

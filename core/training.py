@@ -66,6 +66,27 @@ def compile_denoiser(model: ViewsetDiffusion, backend: str = "inductor") -> None
     d.decode = torch.compile(d.decode, backend=backend)
 
 
+def initialise_from(model: ViewsetDiffusion, source: str, quiet: bool = False) -> list[str]:
+    """Copy into ``model`` every tensor of ``source``'s model (EMA weights; see train.init_from)
+    whose name and shape match; returns the names copied. An error when none of the denoiser's
+    tensors matches, which means the two models do not share a network."""
+    from .sampling import load_model
+
+    theirs = load_model(source, device="cpu").state_dict()
+    own = model.state_dict()
+    copied = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("denoiser.") for k in copied):
+        raise VsdError(
+            f"train.init_from: {source} shares no denoiser tensor (same name and shape) with this recipe's model; "
+            "its model settings (model.*, encoder, aggregator) must match"
+        )
+    model.load_state_dict(copied, strict=False)
+    if not quiet:
+        fresh = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in own if k not in copied})
+        print(f"initialised {len(copied)} of {len(own)} tensors from {source}; fresh: {', '.join(fresh) or 'none'}", file=sys.stderr)
+    return list(copied)
+
+
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """Adam over the model's parameters, as one fused kernel where this torch build has one for
     the parameters' device (CPU since torch 2.4; 4x faster than the per-tensor loop there)."""
@@ -146,6 +167,8 @@ class Trainer:
         if len(self.train_set) == 0:
             raise VsdError(f"recipe {recipe.source}: the training split of data ({recipe.data.type}) is empty")
         self.model = ViewsetDiffusion(recipe, self.train_set.info).to(self.device)
+        if tr.init_from and not resume:
+            initialise_from(self.model, tr.init_from, quiet=self.quiet)
         self.opt = make_optimizer(self.model, tr.lr)
         self.ema = EMA(self.model, tr.ema_decay)
         self.scaler = torch.amp.GradScaler(self.device.type) if tr.precision == "fp16" else None

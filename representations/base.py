@@ -85,3 +85,9 @@ class Representation(Plugin, nn.Module):
 
     def forward(self, volume: Tensor):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def regulariser(self, volume: Tensor) -> Tensor | None:
+        """An extra training loss on the feature volume (B, C, D, D, D) this head is built from,
+        already weighted (a scalar), or None for none (the default). Added to the diffusion
+        loss in training only."""
+        return None

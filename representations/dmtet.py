@@ -84,6 +84,7 @@ class DMTet(Representation):
         init_radius: float = 0.5  # sphere prior, a fraction of bound; 0: no prior
         offset_scale: float = 0.5  # largest vertex offset, in grid cells
         sdf_scale: float = 1.0  # the SDF head's output times this, in units of bound
+        sdf_regulariser: float = 0.0  # weight of the SDF sign-flip regulariser in the training loss
         color: Literal["vertex"] = "vertex"  # colours: an MLP at each surface vertex
         implementation: Literal["auto", "torch", "kaolin"] = "auto"
 
@@ -94,7 +95,7 @@ class DMTet(Representation):
                 raise ValueError(f"must be >= 1, got {v}")
             return v
 
-        @field_validator("init_radius", "offset_scale", "sdf_scale")
+        @field_validator("init_radius", "offset_scale", "sdf_scale", "sdf_regulariser")
         @classmethod
         def _non_negative(cls, v: float) -> float:
             if v < 0:
@@ -141,9 +142,14 @@ class DMTet(Representation):
         return torch.cat([sample_features(volume, points, self.bound), points / self.bound], -1)
 
     def sdf_regulariser(self, volume: Tensor) -> Tensor:
-        """Scalar :func:`sdf_sign_regulariser` of this volume's SDF (an optional extra loss)."""
+        """Scalar :func:`sdf_sign_regulariser` of this volume's SDF (unweighted)."""
         f = self.fields(volume)
         return sdf_sign_regulariser(f.sdf / self.bound, f.grid.edges)
+
+    def regulariser(self, volume: Tensor) -> Tensor | None:
+        """``sdf_regulariser`` (the setting) times :meth:`sdf_regulariser`, when the weight is set."""
+        w = self.settings.sdf_regulariser
+        return w * self.sdf_regulariser(volume) if w > 0 else None
 
     def _check(self, volume: Tensor) -> None:
         if volume.shape[1:] != (self.in_channels, *(self.resolution,) * 3):

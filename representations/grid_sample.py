@@ -3,19 +3,19 @@
 On CPU, torch's ``grid_sample`` for volumes runs a generic scalar loop, while the 2D kernel is
 vectorised: sampling a 16^3 grid at half a million ray samples costs several times more in 3D
 than the same number of bilinear lookups in 2D. :func:`sample_volume` therefore lays the volume
-out as one image and does the trilinear blend as one bilinear lookup plus a lerp in z:
+out as one image and does the trilinear blend as one bilinear lookup plus a step in z:
 
 * the volume is padded by one voxel (zeros, or edge values for "border" channels), so that
   coordinates clamped to the padded box give exactly ``grid_sample``'s ``zeros`` / ``border``
   padding without any special case at the faces;
-* each z-slice is stacked, along the channels, with the slice above it, and the slices are tiled
-  into a near-square image; a point in cell ``z0`` reads both slices of tile ``z0`` in one
-  bilinear lookup and blends them with its fraction in z.
+* each z-slice is stacked, along the channels, with its difference to the slice above, and the
+  slices are tiled into a near-square image; a point in cell ``z0`` reads both from tile ``z0``
+  in one bilinear lookup and adds its fraction in z of the difference.
 
 Tiles are square-ish so that pixel coordinates stay small (below ~100 for a 16^3 volume) and
 the normalised float32 coordinates the 2D kernel takes keep ~1e-5 of a voxel of precision. The
 backward is written out (one 2D ``grid_sampler_2d_backward`` call) so that autograd keeps no
-large intermediate tensors for the split and the lerp.
+large intermediate tensors for the split and the step in z.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class _SlabLookup(torch.autograd.Function):
         C = image.shape[1] // 2
         ctx.save_for_backward(image, grid, fz)
         ctx.k = k
-        out = torch.lerp(both[:, :C], both[:, C:], fz)
+        out = torch.addcmul(both[:, :C], both[:, C:], fz)  # slice + fz * (next slice - slice)
         return out[:, :k], out[:, k:]
 
     @staticmethod
@@ -51,15 +51,15 @@ class _SlabLookup(torch.autograd.Function):
         image, grid, fz = ctx.saved_tensors
         B, C2, k = image.shape[0], image.shape[1], ctx.k
         C = C2 // 2
-        # (B, 2C, 1, N): the gradient of the lower slice's channels, then the upper slice's
+        # (B, 2C, 1, N): the gradient of the slice's channels, then of the differences'
         g_both = image.new_empty(B, C2, 1, grid.shape[2])
         for lo, hi, g in ((0, k, g_first), (k, C, g_rest)):
             if g is None:
                 g_both[:, lo:hi].zero_()
                 g_both[:, C + lo : C + hi].zero_()
             else:
-                upper = torch.mul(g, fz, out=g_both[:, C + lo : C + hi, 0])
-                torch.sub(g, upper, out=g_both[:, lo:hi, 0])
+                g_both[:, lo:hi, 0].copy_(g)
+                torch.mul(g, fz, out=g_both[:, C + lo : C + hi, 0])
         g_image, _ = torch.ops.aten.grid_sampler_2d_backward(
             g_both, image, grid, _BILINEAR, _ZEROS, True, [ctx.needs_input_grad[0], False]
         )
@@ -81,8 +81,9 @@ def sample_volume(volume: Tensor, points: Tensor, bound: float = 1.0, zero_chann
     pads += [F.pad(volume[:, k:], (1,) * 6, mode="replicate")] if k < C else []
     padded = torch.cat(pads, 1)  # (B, C, D+2, H+2, W+2)
     Dp, Hp, Wp = D + 2, H + 2, W + 2
-    above = torch.cat([padded[:, :, 1:], padded[:, :, -1:]], 2)  # slice z+1 beside slice z
-    slabs = torch.cat([padded, above], 1)  # (B, 2C, Dp, Hp, Wp)
+    # beside each slice z, the step to slice z+1 (zero after the last one, which no point uses)
+    step = F.pad(padded[:, :, 1:] - padded[:, :, :-1], (0, 0, 0, 0, 0, 1))
+    slabs = torch.cat([padded, step], 1)  # (B, 2C, Dp, Hp, Wp)
     cols = math.ceil(math.sqrt(Dp * Hp / Wp))  # near-square image
     rows = math.ceil(Dp / cols)
     slabs = F.pad(slabs, (0, 0, 0, 0, 0, rows * cols - Dp))

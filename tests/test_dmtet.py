@@ -285,3 +285,21 @@ def test_bad_settings_and_volumes_are_named():
         DMTet.Settings(offset_scale=-1)
     with pytest.raises(ValueError, match=r"DMTet expected a volume \(B, 4, 8, 8, 8\)"):
         make()(torch.randn(1, C, 6, 6, 6))
+
+
+def test_the_sdf_regulariser_setting_adds_to_the_training_loss(tiny_recipe):
+    from vsd.core.engine import ViewsetDiffusion
+    from vsd.core.training import fixed_batch
+
+    for weight in (0.0, 0.5):
+        recipe = tiny_recipe(["representation.type=dmtet", "renderer.type=rasterizer", f"representation.sdf_regulariser={weight}"], ref="dmtet_minens.yaml")
+        ds = recipe.data.build(split="train")
+        torch.manual_seed(0)
+        model = ViewsetDiffusion(recipe, ds.info)
+        loss, stats = model.training_loss(fixed_batch(ds, 2, torch.device("cpu")), seed=0)
+        if weight == 0:
+            assert "regulariser" not in stats and model.representation.regulariser(torch.zeros(1, 8, 8, 8, 8)) is None
+            base = loss.item()
+        else:
+            assert stats["regulariser"] > 0
+            torch.testing.assert_close(loss.item(), base + stats["regulariser"].item(), rtol=1e-5, atol=1e-7)

@@ -142,3 +142,24 @@ def test_tensorboard_scalars_when_available(tiny_recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "summary_writer", lambda d: FakeWriter(d))
     Trainer(tiny_recipe(), tmp_path / "tb", quiet=True).run()
     assert ("train/loss", 1) in written and ("train/loss", 2) in written and written[-1][0] == "closed"
+
+
+def test_init_from_copies_the_shared_network_and_leaves_a_new_head_fresh(tiny_recipe, tmp_path):
+    import pytest
+
+    from vsd.core.errors import VsdError
+    from vsd.core.sampling import load_model
+
+    source = Trainer(tiny_recipe(), tmp_path / "voxel", quiet=True)
+    source.run()
+    theirs = load_model(tmp_path / "voxel", device="cpu").state_dict()  # EMA weights
+    swap = ["representation.type=triplane", f"train.init_from={tmp_path / 'voxel'}"]
+    t = Trainer(tiny_recipe(swap), tmp_path / "triplane", quiet=True)
+    own = t.model.state_dict()
+    denoiser = [k for k in own if k.startswith("denoiser.")]
+    assert denoiser and all(torch.equal(own[k], theirs[k]) for k in denoiser)
+    assert all(torch.equal(t.ema.model.state_dict()[k], theirs[k]) for k in denoiser)  # EMA starts there too
+    assert not any(k in theirs for k in own if k.startswith("representation."))  # the new head starts fresh
+    t.run()  # and trains
+    with pytest.raises(VsdError, match="shares no denoiser tensor"):
+        Trainer(tiny_recipe(["model.base_channels=4", f"train.init_from={tmp_path / 'voxel'}"]), tmp_path / "other", quiet=True)

@@ -201,3 +201,22 @@ def test_tcnn_request_falls_back_to_torch_with_one_notice(monkeypatch):
         warnings.simplefilter("error")  # the notice is given once only
         hg.free_hash_encoding("tcnn", torch.device("cpu"), **sizes)
         hg.free_hash_encoding("torch", torch.device("cpu"), **sizes)  # asked for torch: no notice
+
+
+def test_hashed_levels_read_as_vertex_grids_match_the_corner_gather():
+    """A hashed level is interpolated on its gathered vertex grid when that is cheaper than
+    gathering the points' corners (many points), by the corners otherwise (few): same values
+    and the same gradients either way."""
+    torch.manual_seed(3)
+    enc = small()  # levels 2, 4 dense; 8, 16 hashed: (9^3 = 729, 17^3 = 4913 vertices)
+    tables = torch.randn(1, 4, 512, 2, dtype=torch.float64, requires_grad=True)
+    few = (torch.rand(1, 20, 3, dtype=torch.float64) * 2 - 1) * BOUND * 1.1  # 8 * 20 = 160 corners: gathered
+    many = torch.cat([few, (torch.rand(1, 700, 3, dtype=torch.float64) * 2 - 1) * BOUND], 1)  # 5,760: level 8 as a grid
+    f_few = enc(few, tables)
+    f_many = enc(many, tables)[:, :20]
+    torch.testing.assert_close(f_many, f_few, rtol=0, atol=1e-12)
+    w = torch.randn_like(f_few)
+    g_few, = torch.autograd.grad((f_few * w).sum(), tables)
+    g_many, = torch.autograd.grad((f_many * w).sum(), tables)
+    torch.testing.assert_close(g_many, g_few, rtol=0, atol=1e-12)
+    assert g_few[0, 2].abs().sum() > 0  # the hashed level took part
