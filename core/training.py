@@ -23,7 +23,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import info_to_dict, load_checkpoint, save_run_checkpoint
 from .engine import ViewsetDiffusion
-from .errors import DataError, VsdError
+from .errors import DataError, RecipeError, VsdError
 from .media import save_grid
 from .memory import keep_freed_memory
 from .recipe import Recipe
@@ -67,18 +67,24 @@ def compile_denoiser(model: ViewsetDiffusion, backend: str = "inductor") -> None
 
 
 def initialise_from(model: ViewsetDiffusion, source: str, quiet: bool = False) -> list[str]:
-    """Copy into ``model`` every tensor of ``source``'s model (EMA weights; see train.init_from)
-    whose name and shape match; returns the names copied. An error when none of the denoiser's
-    tensors matches, which means the two models do not share a network."""
+    """Copy into ``model`` the tensors of ``source``'s model (EMA weights; see train.init_from)
+    whose name and shape match; returns the names copied. The denoiser, the network every
+    representation shares, must match whole: an error names the tensors that do not."""
     from .sampling import load_model
 
-    theirs = load_model(source, device="cpu").state_dict()
+    try:
+        theirs = load_model(source, device="cpu").state_dict()
+    except VsdError as exc:
+        raise RecipeError(model.recipe.source, "train.init_from", str(exc)) from None
     own = model.state_dict()
     copied = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
-    if not any(k.startswith("denoiser.") for k in copied):
-        raise VsdError(
-            f"train.init_from: {source} shares no denoiser tensor (same name and shape) with this recipe's model; "
-            "its model settings (model.*, encoder, aggregator) must match"
+    missing = [k for k in own if k.startswith("denoiser.") and k not in copied]
+    if missing:
+        shown = ", ".join(f"{k} {tuple(own[k].shape)} vs {tuple(theirs[k].shape) if k in theirs else 'absent'}" for k in missing[:3])
+        raise RecipeError(
+            model.recipe.source, "train.init_from",
+            f"the denoiser of {source} does not match this recipe's ({len(missing)} tensors differ: {shown}"
+            f"{', ...' if len(missing) > 3 else ''}); its model, encoder and aggregator settings must be the same",
         )
     model.load_state_dict(copied, strict=False)
     if not quiet:

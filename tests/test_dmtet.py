@@ -303,3 +303,20 @@ def test_the_sdf_regulariser_setting_adds_to_the_training_loss(tiny_recipe):
         else:
             assert stats["regulariser"] > 0
             torch.testing.assert_close(loss.item(), base + stats["regulariser"].item(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_shipped_recipe_starts_from_the_shipped_voxel_model():
+    from vsd.core.engine import ViewsetDiffusion
+    from vsd.core.recipe import load_recipe
+    from vsd.core.sampling import load_model
+    from vsd.core.training import initialise_from
+    from vsd.plugins.datasets.minens import MinensDataset
+
+    recipe = load_recipe("dmtet_minens.yaml", ["data.skins=procedural"])
+    assert recipe.train.init_from == "minens-voxel"
+    model = ViewsetDiffusion(recipe, MinensDataset(recipe.data.settings, split="train").info)
+    copied = initialise_from(model, recipe.train.init_from, quiet=True)
+    denoiser = [k for k in model.state_dict() if k.startswith("denoiser.")]
+    assert set(denoiser) <= set(copied)  # the whole shared network, the DMTet head fresh
+    source = load_model("minens-voxel", device="cpu").state_dict()
+    assert all(torch.equal(model.state_dict()[k], source[k]) for k in denoiser)
