@@ -7,7 +7,7 @@ import ctypes.util
 import sys
 
 # glibc mallopt() parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 _done = False
 
 
@@ -36,6 +36,9 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # the heap still grows by mmap where brk cannot: glibc falls back to it by itself
     ok = mallopt(_M_MMAP_MAX, 0)
+    # one arena: a thread moved to another arena under lock contention (a checkpoint writer,
+    # a worker) would get every large block as a fresh mapping again
+    ok &= mallopt(_M_ARENA_MAX, 1)
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     ok &= mallopt(_M_TOP_PAD, 64 << 20)
     _done = bool(ok)

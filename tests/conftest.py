@@ -32,14 +32,18 @@ def _small_torch():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _no_real_skins_from_the_checkout(monkeypatch, tmp_path_factory):
+@pytest.fixture(autouse=True, scope="session")
+def _no_real_skins_from_the_checkout(tmp_path_factory):
     """``skins: auto`` looks for ./data/minens_real, which a developer's checkout may hold: the
     tests train on procedural skins whatever the working directory holds (training
-    subprocesses run in tests/, where there is none)."""
+    subprocesses run in tests/, where there is none). Session-wide, so that module fixtures
+    that train see it too."""
     from vsd.plugins.datasets import minens
 
-    monkeypatch.setattr(minens, "AUTO_SKINS", tmp_path_factory.getbasetemp() / "no-real-skins")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(minens, "AUTO_SKINS", tmp_path_factory.getbasetemp() / "no-real-skins")
+    yield
+    patch.undo()
 
 
 @pytest.fixture
