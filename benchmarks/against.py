@@ -60,7 +60,7 @@ def export(rev: str, into: Path) -> Path:
     with archive.open("wb") as f:
         subprocess.run(["git", "-C", str(ROOT), "archive", rev], stdout=f, check=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(tree, filter="data")
+        tar.extractall(tree, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return link(tree, into / "baseline")
 
 
