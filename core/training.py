@@ -88,7 +88,7 @@ def initialise_from(model: ViewsetDiffusion, source: str, quiet: bool = False) -
         )
     model.load_state_dict(copied, strict=False)
     if not quiet:
-        fresh = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in own if k not in copied})
+        fresh = sorted({".".join(k.split(".")[:2]) for k in own if k not in copied})
         print(f"initialised {len(copied)} of {len(own)} tensors from {source}; fresh: {', '.join(fresh) or 'none'}", file=sys.stderr)
     return list(copied)
 

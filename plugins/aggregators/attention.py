@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -52,7 +54,7 @@ class AttentionAggregator(Aggregator):
         heads, dh = self.heads, C // self.heads
         # Channels-first throughout: with one query and a handful of keys per voxel, a fused
         # attention kernel spends its time on setup, and moving channels last costs copies.
-        N = q_in[0, 0].numel()
+        N = math.prod(spatial)
         q = torch.bmm(self.to_q.weight.expand(B, -1, -1), q_in.reshape(B, C, N))  # (B, C, N)
         flat = feats.reshape(B * V, C, N)
         # two products rather than one sliced in two: a slice's backward zero-fills the whole
