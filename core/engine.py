@@ -165,14 +165,9 @@ class ViewsetDiffusion(nn.Module):
 
         pred = self.predict(x_in, batch.cameras[:, :V], timesteps, self_cond, batch.cameras, bg)
         per_view = ((pred.x0 - target) ** 2).mean(dim=(2, 3, 4))  # (B, Vt)
-        view_w = torch.ones(Vt, device=dev)
-        view_w[V:] = tr.heldout_weight
-        if diff.min_snr_gamma is not None and not tr.deterministic:
-            # normalised so that weights lie in (0, 1]
-            snr_w = self.schedule.min_snr_weight(t, diff.min_snr_gamma) / diff.min_snr_gamma
-        else:
-            snr_w = torch.ones(B, device=dev)
-        loss = (per_view * view_w[None] * snr_w[:, None]).sum() / (B * view_w.sum())
+        weights = self.view_weights(t, clean)
+        norm = V + tr.heldout_weight * (Vt - V)  # a constant, so weights keep their relative scale
+        loss = (per_view * weights).sum() / (B * norm)
         stats = {
             "mse": per_view[:, :V].mean().detach(),
             "mse_heldout": per_view[:, V:].mean().detach() if Vt > V else torch.zeros((), device=dev),
@@ -182,6 +177,25 @@ class ViewsetDiffusion(nn.Module):
             loss = loss + reg
             stats["regulariser"] = reg.detach()
         return loss, {"loss": loss.detach(), **stats}
+
+    def view_weights(self, t: Tensor, clean: Tensor) -> Tensor:
+        """Loss weight of every rendered view, (B, V + heldout), from the viewset's noise level t
+        (B,) and its clean input views ``clean`` (B, V).
+
+        A noisy input view at t weighs min(SNR_t, gamma) / gamma (diffusion.min_snr_gamma; 1 when
+        null); a clean input view weighs ``train.clean_weight`` (1: its own t = 0, where the
+        min-SNR weight is largest); held-out views weigh ``train.heldout_weight``, whatever t,
+        since they are never part of the input and only a 3D reconstruction predicts them.
+        """
+        tr, diff = self.recipe.train, self.recipe.diffusion
+        B, V = clean.shape
+        if diff.min_snr_gamma is not None and not tr.deterministic:
+            noisy_w = self.schedule.min_snr_weight(t, diff.min_snr_gamma) / diff.min_snr_gamma
+        else:
+            noisy_w = torch.ones(B, device=t.device)
+        inputs = torch.where(clean, torch.full_like(noisy_w, tr.clean_weight)[:, None], noisy_w[:, None].expand(B, V))
+        held = torch.full((B, tr.heldout_views), tr.heldout_weight, device=t.device)
+        return torch.cat([inputs, held], 1)
 
     @staticmethod
     def _composite(batch: Viewset, bg: Tensor) -> Tensor:

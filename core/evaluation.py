@@ -58,13 +58,17 @@ from torch import Tensor, nn
 
 from .cameras import Cameras
 from .errors import VsdError
-from .metrics import psnr, ssim
+from .metrics import foreground_colour, masked_psnr, masked_ssim, psnr, ssim
 
 LPIPS_ENV = "VSD_LPIPS_WEIGHTS"
 RESULTS = "results.jsonl"
 FEATURE_SEED = 20230
 FEATURE_SIZE = 64
 RENDER_CHUNK = 8  # target views rendered at a time, bounds memory on datasets with many views
+METRICS_VERSION = 2  # results files of an older set of metrics are not resumed into
+IDENTITY_VIEWS = 4  # target views of each object used to match reconstructions against it
+FOREGROUND_OPACITY = 0.5  # a rendered pixel is foreground where the render's opacity exceeds this
+FOREGROUND_DIFFERENCE = 0.02  # without masks, a true pixel is foreground where it differs from the background by more
 
 
 # ---- reductions of per-frame metrics -------------------------------------------------------
@@ -267,6 +271,7 @@ class EvalConfig:
         keep = {k: v for k, v in asdict(self).items() if k not in ("objects", "lpips_weights")}
         return {
             **keep,
+            "metrics": METRICS_VERSION,
             "steps": self.steps or model.recipe.diffusion.sampling_steps,
             "samples": 1 if model.recipe.train.deterministic else self.samples,
             "checkpoint": checkpoint,
@@ -285,34 +290,98 @@ class _Accumulator:
     """Per-frame metrics of every sample, plus running pixel sums for the averaged sample and
     the pairwise distances, for one object."""
 
-    def __init__(self, gt: Tensor, lpips_net):
+    def __init__(self, gt: Tensor, lpips_net, truth_mask: Tensor | None = None):
         self.gt, self.lpips = gt, lpips_net  # gt: (Vt, 3, H, W) in [0, 1]
-        self.frames: dict[str, list[Tensor]] = {"psnr": [], "ssim": []} | ({"lpips": []} if lpips_net else {})
+        self.truth_mask = torch.zeros_like(gt[:, :1], dtype=torch.bool) if truth_mask is None else truth_mask
+        self.frames: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "fg_psnr": [], "fg_ssim": []}
+        self.frames |= {"lpips": []} if lpips_net else {}
+        self.colours: list[Tensor] = []
         self.total = torch.zeros(gt.shape, dtype=torch.float64, device=gt.device)
         self.total_sq = torch.zeros_like(self.total)
+        self.total_opacity = torch.zeros(gt[:, :1].shape, dtype=torch.float64, device=gt.device)
         self.n = 0
 
-    def add(self, renders: Tensor) -> None:
-        """renders: (b, Vt, 3, H, W) in [0, 1]."""
+    def _foreground(self, opacity: Tensor) -> Tensor:
+        """Where the true or the predicted object is: (b, Vt, 1, H, W) bool."""
+        return self.truth_mask | (opacity > FOREGROUND_OPACITY)
+
+    def add(self, renders: Tensor, opacity: Tensor | None = None) -> None:
+        """renders: (b, Vt, 3, H, W) in [0, 1]; opacity: (b, Vt, 1, H, W) in [0, 1]."""
         gt = self.gt.expand_as(renders)
+        opacity = torch.zeros_like(renders[:, :, :1]) if opacity is None else opacity
+        fg = self._foreground(opacity)
         self.frames["psnr"].append(psnr(renders, gt).cpu())
         self.frames["ssim"].append(ssim(renders, gt).cpu())
+        self.frames["fg_psnr"].append(masked_psnr(renders, gt, fg).cpu())
+        self.frames["fg_ssim"].append(masked_ssim(renders, gt, fg).cpu())
         if self.lpips is not None:
             self.frames["lpips"].append(lpips_frames(self.lpips, renders, gt).cpu())
+        # the predicted object's mean colour over its own silhouette, all target views together
+        pred_fg = (opacity > FOREGROUND_OPACITY).movedim(1, 2).flatten(-2)
+        self.colours.append(foreground_colour(renders.movedim(1, 2).flatten(-2), pred_fg).cpu())
         r = renders.double()
         self.total += r.sum(0)
         self.total_sq += (r**2).sum(0)
+        self.total_opacity += opacity.double().sum(0)
         self.n += renders.shape[0]
 
     def per_frame(self) -> dict[str, Tensor]:
         return {k: torch.cat(v) for k, v in self.frames.items()}
 
+    def true_colour(self) -> list[float]:
+        """The true object's mean colour over its silhouette in the target views."""
+        return foreground_colour(self.gt.movedim(0, 1).flatten(-2), self.truth_mask.movedim(0, 1).flatten(-2)).tolist()
+
     def averaged(self) -> dict[str, float]:
         mean = (self.total / self.n).float()[None]
-        out = {"psnr": float(psnr(mean, self.gt[None]).mean()), "ssim": float(ssim(mean, self.gt[None]).mean())}
+        fg = self._foreground((self.total_opacity / self.n).float()[None])
+        out = {"psnr": float(psnr(mean, self.gt[None]).mean()), "ssim": float(ssim(mean, self.gt[None]).mean()),
+               "fg_psnr": float(masked_psnr(mean, self.gt[None], fg).mean()), "fg_ssim": float(masked_ssim(mean, self.gt[None], fg).mean())}
         if self.lpips is not None:
             out["lpips"] = float(lpips_frames(self.lpips, mean, self.gt[None]).mean())
         return out
+
+
+def truth_mask(images01: Tensor, masks: Tensor | None, background: Tensor) -> Tensor:
+    """Where the true object is, (V, 1, H, W) bool: the dataset's masks when it has them, else
+    the pixels that differ from the background colour (3,)."""
+    if masks is not None:
+        return masks > 0.5
+    return ((images01 - background[:, None, None]).abs().amax(-3, keepdim=True) > FOREGROUND_DIFFERENCE)
+
+
+@dataclass
+class GalleryItem:
+    """One object's first target views, to match every reconstruction against (identity)."""
+
+    cameras: Cameras  # (1, n)
+    gt: Tensor  # (n, 3, H, W) in [0, 1]
+    mask: Tensor  # (n, 1, H, W) bool
+
+
+def build_gallery(dataset, n_obj: int, k: int, background: Tensor, device) -> list[GalleryItem]:
+    items = []
+    for j in range(n_obj):
+        item = dataset[j]
+        sl = slice(k, k + IDENTITY_VIEWS)
+        images = ((item["images"][sl] + 1) / 2).clamp(0, 1).to(device)
+        masks = item.get("masks")
+        cams = Cameras(item["c2w"][sl].to(device), item["K"][sl].to(device), images.shape[-2], images.shape[-1])
+        items.append(GalleryItem(cams[None], images, truth_mask(images, None if masks is None else masks[sl].to(device), background)))
+    return items
+
+
+def identity_scores(model, scene, batch: int, gallery: list[GalleryItem]) -> list[float]:
+    """Foreground PSNR of the first reconstruction of a batch of ``batch`` scenes rendered at each
+    gallery object's target cameras against that object's truth; the reconstruction is
+    identified when the highest score is its own object's."""
+    scores = []
+    for g in gallery:
+        out = model.render(scene, _expand(g.cameras[0], batch))
+        rgb = out["rgb"][0].clamp(0, 1)
+        fg = g.mask | (out["opacity"][0] > FOREGROUND_OPACITY)
+        scores.append(round(float(masked_psnr(rgb, g.gt, fg).mean()), 4))
+    return scores
 
 
 def lpips_frames(net, pred: Tensor, target: Tensor) -> Tensor:
@@ -322,9 +391,12 @@ def lpips_frames(net, pred: Tensor, target: Tensor) -> Tensor:
     return net(p, t).reshape(lead)
 
 
-def _render_targets(model, scene, cams: Cameras) -> Tensor:
-    parts = [model.render(scene, cams[:, i : i + RENDER_CHUNK])["rgb"] for i in range(0, cams.shape[1], RENDER_CHUNK)]
-    return torch.cat(parts, 1).clamp(0, 1)
+def _render_targets(model, scene, cams: Cameras) -> tuple[Tensor, Tensor]:
+    """rgb (B, V, 3, H, W) and opacity (B, V, 1, H, W) of ``scene`` at ``cams``, in chunks of views."""
+    parts = [model.render(scene, cams[:, i : i + RENDER_CHUNK]) for i in range(0, cams.shape[1], RENDER_CHUNK)]
+    rgb = torch.cat([p["rgb"] for p in parts], 1).clamp(0, 1)
+    return rgb, torch.cat([p["opacity"] for p in parts], 1).clamp(0, 1)
+
 
 
 def _input_views(model, total_views: int, k: int) -> int:
@@ -335,9 +407,10 @@ def _input_views(model, total_views: int, k: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_object(model, dataset, index: int, cfg: EvalConfig, *, features=None, lpips_net=None) -> dict:
+def evaluate_object(model, dataset, index: int, cfg: EvalConfig, *, features=None, lpips_net=None, gallery=None) -> dict:
     """Draw the samples of one viewset and return its result row (JSON-ready) and, in
-    unconditional mode, its features under key ``"_features"``."""
+    unconditional mode, its features under key ``"_features"``. ``gallery`` (conditional mode):
+    the objects the first sample's reconstruction is matched against (identity)."""
     dev = next(model.parameters()).device
     item = dataset[index]
     images = item["images"].to(dev)
@@ -346,21 +419,33 @@ def evaluate_object(model, dataset, index: int, cfg: EvalConfig, *, features=Non
     k = cfg.cond_views
     v_in = _input_views(model, V, k)
     gt = ((images[k:] + 1) / 2).clamp(0, 1)
+    masks = item.get("masks")
+    mask = truth_mask(gt, None if masks is None else masks[k:].to(dev), model.background(1, dev)[0])
     n_total = 1 if model.recipe.train.deterministic else cfg.samples
     gen = torch.Generator().manual_seed(_object_seed(cfg.seed, index))
-    acc = _Accumulator(gt, lpips_net)
-    gen_feats = []
+    acc = _Accumulator(gt, lpips_net, mask)
+    gen_feats, input_psnr, identity = [], [], None
     done = 0
     while done < n_total:
         b = min(cfg.batch_size, n_total - done)
         cond = images[None, :k].expand(b, *images[:k].shape) if k else None
         pred = model.sample(_expand(cams[:v_in], b), cond, steps=cfg.steps, guidance=cfg.guidance, generator=gen)
-        renders = _render_targets(model, pred.scene, _expand(cams[k:], b))
-        acc.add(renders)
+        renders, opacity = _render_targets(model, pred.scene, _expand(cams[k:], b))
+        acc.add(renders, opacity)
+        if k:
+            # the reconstruction seen from its own conditioning camera(s), against the input
+            at_input, _ = _render_targets(model, pred.scene, _expand(cams[:k], b))
+            input_psnr += psnr(at_input, ((cond + 1) / 2).clamp(0, 1)).mean(1).tolist()
+            if gallery is not None and identity is None:
+                identity = identity_scores(model, pred.scene, b, gallery)
         if features is not None:
             gen_feats.append(_features(features, renders.flatten(0, 1)))
         done += b
     row = _row(dataset, index, cams, k, acc)
+    if k:
+        row["input_view_psnr"] = [round(x, 4) for x in input_psnr]
+        row["colour"] = {"true": acc.true_colour(), "pred": torch.cat(acc.colours).tolist()}
+        row["identity_psnr"] = identity
     if features is not None:
         row["_features"] = {"generated": torch.cat(gen_feats), "reference": _features(features, gt)}
     return row
@@ -451,9 +536,10 @@ def evaluate(model, dataset, out_dir: str | Path, cfg: EvalConfig, *, checkpoint
     _check_header(out / RESULTS, header, fp)
     features = RandomConvFeatures().to(dev) if uncond else None
     todo = [i for i in range(n_obj) if i not in rows]
+    gallery = build_gallery(dataset, n_obj, cfg.cond_views, model.background(1, dev)[0], dev) if todo and not uncond else None
     with _progress(quiet, len(todo), n_obj - len(todo)) as advance:
         for i in todo:
-            row = evaluate_object(model, dataset, i, cfg, features=features, lpips_net=lpips_net)
+            row = evaluate_object(model, dataset, i, cfg, features=features, lpips_net=lpips_net, gallery=gallery)
             if "_features" in row:
                 row["features"] = _save_features(out, i, row.pop("_features"))
             row["lpips"] = lpips_status
@@ -506,12 +592,40 @@ def _mean_dicts(dicts: list[dict]) -> dict:
     return out
 
 
+def fidelity(rows: list[dict]) -> dict | None:
+    """Whether reconstructions reproduce *their* input (conditional rows; see FIDELITY_NOTE)."""
+    rows = [r for r in rows if "colour" in r]
+    if not rows:
+        return None
+    out: dict = {"input_view_psnr": float(np.mean([np.mean(r["input_view_psnr"]) for r in rows]))}
+    scored = [r for r in rows if r.get("identity_psnr")]
+    if scored:
+        # candidates: the objects every row was matched against (a resumed evaluation with more
+        # objects matched its earlier rows against fewer)
+        m = min(len(r["identity_psnr"]) for r in scored)
+        own = [r for r in scored if r["index"] < m]
+        hits = [int(np.argmax(r["identity_psnr"][:m])) == r["index"] for r in own]
+        out["identity"] = {"accuracy": float(np.mean(hits)) if hits else None, "chance": 1.0 / m, "objects": len(own), "candidates": m}
+    true = np.array([r["colour"]["true"] for r in rows])
+    pred = np.array([r["colour"]["pred"] for r in rows])  # (objects, samples, 3)
+    spread_true = float(np.sqrt(true.var(0).mean()))
+    spread_pred = float(np.sqrt(pred[:, 0].var(0).mean())) if len(rows) > 1 else 0.0
+    out["colour"] = {
+        "error": float(np.linalg.norm(pred - true[:, None], axis=-1).mean()),
+        "spread_true": spread_true,
+        "spread_pred": spread_pred,
+        "spread_ratio": spread_pred / spread_true if spread_true > 0 else None,
+    }
+    return out
+
+
 def _group_summary(rows: list[dict], conditional: bool) -> dict | None:
     if not rows:
         return None
     out = {"objects": len(rows)}
     if conditional:
         out |= _mean_dicts([object_metrics(r) for r in rows])
+        out["fidelity"] = fidelity(rows)
     divs = [r["diversity"] for r in rows if r["diversity"] is not None]
     out["diversity"] = _mean_dicts(divs) if divs else None
     return out
@@ -552,6 +666,15 @@ AMBIGUITY_NOTE = (
     "the dataset says the torso's back differs from its front (describe()['back_differs']) and the "
     "conditioning views show at most one of the two (front: camera z > 0, the character faces +z; back: z < 0)"
 )
+FIDELITY_NOTE = (
+    "input_view_psnr: the reconstruction rendered at its conditioning camera(s) against the input (mean over samples); "
+    "fg_psnr / fg_ssim: scored only on pixels where the true or the predicted object is (render opacity > 0.5); "
+    "identity: the first sample's reconstruction rendered at the first target views of every evaluated object and scored "
+    "by foreground PSNR against each one's truth; identified when its own object scores best (chance = 1 / candidates); "
+    "colour: mean colour over the object's silhouette in the target views; error = RGB distance to the truth's "
+    "(mean over samples), spread = RMS over objects of its deviation from the mean colour (first sample; a model that "
+    "paints every object alike has spread near 0; spread_ratio = predicted / true)"
+)
 BEST_OF_NOTE = "best of n = per object, the sample among the first n with the highest PSNR averaged over its target views"
 
 
@@ -566,7 +689,8 @@ def summarize(rows: list[dict], fingerprint: dict, lpips_status: str, out: Path)
     }
     if conditional:
         summary["notes"] = {"best_of": BEST_OF_NOTE, "averaged_sample": "metrics of the pixel mean of the samples' renders",
-                            "diversity": "mean over sample pairs of squared pixel distance on the target views (psnr from it)"}
+                            "diversity": "mean over sample pairs of squared pixel distance on the target views (psnr from it)",
+                            "fidelity": FIDELITY_NOTE}
         if "ambiguous" in summary["groups"]:
             summary["notes"]["ambiguous"] = AMBIGUITY_NOTE
         else:
@@ -597,12 +721,17 @@ def csv_rows(summary: dict, rows: list[dict]) -> list[dict]:
         if "per_frame" in r:
             m = object_metrics(r)
             n = max(m["best_of"], key=int)
-            for name in ("psnr", "ssim") + (("lpips",) if has_lpips else ()):
+            for name in ("psnr", "ssim", "fg_psnr", "fg_ssim") + (("lpips",) if has_lpips else ()):
                 flat[f"{name}_best_of_{n}"] = m["best_of"][n][name]
                 flat[f"{name}_mean"] = m["mean_over_samples"][name]
                 flat[f"{name}_averaged_sample"] = m["averaged_sample"][name]
             if not has_lpips:
                 flat["lpips"] = "unavailable"
+        if "input_view_psnr" in r:
+            flat["input_view_psnr"] = float(np.mean(r["input_view_psnr"]))
+            if r.get("identity_psnr"):
+                flat["identified"] = int(np.argmax(r["identity_psnr"])) == r["index"]
+            flat["colour_error"] = float(np.mean(np.linalg.norm(np.array(r["colour"]["pred"]) - np.array(r["colour"]["true"]), axis=-1)))
         if r["diversity"] is not None:
             flat["pairwise_mse"] = r["diversity"]["pairwise_mse"]
             flat["pairwise_psnr"] = r["diversity"]["pairwise_psnr"]
@@ -624,18 +753,32 @@ def summary_table(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]
     counts = list(first["best_of"])
     header += [f"best of {c}" for c in counts] + ["mean", "averaged sample"]
     for gname, g in groups.items():
-        for metric in ("psnr", "ssim", "lpips"):
+        for metric in ("psnr", "ssim", "fg_psnr", "fg_ssim", "lpips"):
             if metric == "lpips" and not summary["lpips"].startswith("available"):
                 rows.append([gname, str(g["objects"]), "lpips"] + ["unavailable"] * (len(counts) + 2))
                 continue
             vals = [g["best_of"][c][metric] for c in counts] + [g["mean_over_samples"][metric], g["averaged_sample"][metric]]
             rows.append([gname, str(g["objects"]), metric] + [_fmt(v) for v in vals])
     tables.append(("Reconstruction of target views", header, rows))
+    fid = [[gname, str(g["objects"])] + fidelity_cells(g["fidelity"]) for gname, g in groups.items() if g.get("fidelity")]
+    if fid:
+        tables.append(("Fidelity to the input", FIDELITY_HEADER, fid))
     div = [[gname, str(g["objects"]), _fmt(g["diversity"]["pairwise_mse"], 5), _fmt(g["diversity"]["pairwise_psnr"], 2)]
            for gname, g in groups.items() if g.get("diversity")]
     if div:
         tables.append(("Diversity between samples (target views)", ["group", "objects", "pairwise MSE", "pairwise PSNR"], div))
     return tables
+
+
+FIDELITY_HEADER = ["group", "objects", "input-view PSNR", "identity accuracy", "chance", "colour error", "colour spread (pred / true)"]
+
+
+def fidelity_cells(f: dict) -> list[str]:
+    ident = f.get("identity") or {}
+    c = f["colour"]
+    acc = ident.get("accuracy")
+    return [_fmt(f["input_view_psnr"], 2), "" if acc is None else f"{acc:.2f} ({round(acc * ident['objects'])}/{ident['objects']})",
+            _fmt(ident.get("chance"), 3), _fmt(c["error"], 3), f"{_fmt(c['spread_pred'], 3)} / {_fmt(c['spread_true'], 3)}"]
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

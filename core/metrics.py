@@ -21,3 +21,36 @@ def ssim(pred: Tensor, target: Tensor) -> Tensor:
     k = 11 if min(p.shape[-2:]) >= 11 else (min(p.shape[-2:]) // 2) * 2 - 1
     vals = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none", kernel_size=k)
     return vals.reshape(lead)
+
+
+def masked_psnr(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """PSNR in dB over the pixels where ``mask`` (..., 1, H, W) is true: (..., 3, H, W) -> (...).
+    An empty mask scores as a perfect match (100 dB, the clamp of :func:`psnr`)."""
+    m = mask.float().expand_as(pred)
+    err = ((pred.float() - target.float()) ** 2 * m).flatten(-3).sum(-1)
+    mse = err / m.flatten(-3).sum(-1).clamp(min=1)
+    return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
+def masked_ssim(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """SSIM (as :func:`ssim`) averaged over the pixels where ``mask`` (..., 1, H, W) is true;
+    an empty mask scores 1."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    lead = pred.shape[:-3]
+    p, t = pred.float().reshape(-1, *pred.shape[-3:]), target.float().reshape(-1, *target.shape[-3:])
+    k = 11 if min(p.shape[-2:]) >= 11 else (min(p.shape[-2:]) // 2) * 2 - 1
+    _, full = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none", kernel_size=k, return_full_image=True)
+    m = mask.float().reshape(-1, 1, *mask.shape[-2:]).expand_as(full)
+    count = m.flatten(1).sum(1)
+    vals = torch.where(count > 0, (full * m).flatten(1).sum(1) / count.clamp(min=1), torch.ones_like(count))
+    return vals.reshape(lead)
+
+
+def foreground_colour(images: Tensor, mask: Tensor) -> Tensor:
+    """Mean colour (..., 3) over the pixels where ``mask`` (..., 1, H, W) is true, of images
+    (..., 3, H, W); over all pixels where the mask is empty."""
+    m = mask.float().expand_as(images)
+    count = m.sum((-1, -2))
+    mean = (images.float() * m).sum((-1, -2)) / count.clamp(min=1)
+    return torch.where(count > 0, mean, images.float().mean((-1, -2)))

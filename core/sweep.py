@@ -31,7 +31,9 @@ with its traceback, ``attempts``, the final metrics) and ``worker.log`` (its out
 Metric names (``metric``, ``metrics``, the columns of results.csv) come from the evaluation
 summary of all objects: ``{psnr,ssim,lpips}_best_of_{n}`` (n in 1, 5, 10, 20, ... up to
 ``samples``), ``{psnr,ssim,lpips}_mean`` (mean over samples), ``{psnr,ssim,lpips}_averaged_sample``,
-``pairwise_mse``, ``pairwise_l2``, ``pairwise_psnr``, each also with an ``ambiguous_`` or
+``pairwise_mse``, ``pairwise_l2``, ``pairwise_psnr``, the same with ``fg_psnr`` / ``fg_ssim`` (foreground only),
+``input_view_psnr``, ``identity_accuracy``, ``colour_error``, ``colour_spread_pred``,
+``colour_spread_true``, ``colour_spread_ratio`` (see vsd.core.evaluation), each also with an ``ambiguous_`` or
 ``unambiguous_`` prefix for those subsets; unconditional evaluation (``cond_views: 0``) gives
 ``kid_random_conv`` and ``kid_pixel_stats``.
 
@@ -229,9 +231,10 @@ def metric_names(ev: SweepEval) -> list[str]:
     if ev.cond_views == 0:
         return ["kid_random_conv", "kid_pixel_stats"]
     names = []
-    for m in ("psnr", "ssim", "lpips"):
+    for m in ("psnr", "ssim", "fg_psnr", "fg_ssim", "lpips"):
         names += [f"{m}_best_of_{n}" for n in best_of_counts(ev.samples)] + [f"{m}_mean", f"{m}_averaged_sample"]
     names += ["pairwise_mse", "pairwise_l2", "pairwise_psnr"]
+    names += ["input_view_psnr", "identity_accuracy", "colour_error", "colour_spread_pred", "colour_spread_true", "colour_spread_ratio"]
     return names + [f"{g}_{n}" for g in ("ambiguous", "unambiguous") for n in names]
 
 
@@ -377,7 +380,16 @@ def summary_metrics(summary: dict) -> dict[str, float]:
         for suffix, ms in parts:
             out |= {f"{pre}{m}{suffix}": float(v) for m, v in ms.items() if isinstance(v, (int, float))}
         out |= {f"{pre}{k}": float(v) for k, v in (g.get("diversity") or {}).items() if isinstance(v, (int, float))}
+        out |= {f"{pre}{k}": v for k, v in fidelity_metrics(g.get("fidelity")).items() if isinstance(v, (int, float))}
     return out
+
+
+def fidelity_metrics(f: dict | None) -> dict:
+    """A summary's fidelity block flattened (input_view_psnr, identity_accuracy, colour_*)."""
+    if not f:
+        return {}
+    out = {"input_view_psnr": f["input_view_psnr"], "identity_accuracy": (f.get("identity") or {}).get("accuracy")}
+    return out | {f"colour_{k}": v for k, v in f["colour"].items()}
 
 
 def _has_checkpoint(run_dir: Path) -> bool:

@@ -21,7 +21,7 @@ from ...core.cameras import Cameras, spherical_to_cartesian
 from ...core.settings import Settings as BaseSettings
 from .base import SPLIT_SEEDS, SceneInfo, ViewsetDataset
 from .boxes import Boxes, box_uv_maps, render_boxes
-from .skins import PARTS, load_skin, procedural_skin
+from .skins import PARTS, flat_skin, load_skin, procedural_skin
 
 CHARACTER_HEIGHT = 1.1  # world units for 32 texels: fills most of the frame at radius 5, fov 15
 BOUND = 0.6  # the character fits in [-BOUND, BOUND]^3 in every pose
@@ -119,6 +119,7 @@ def sample_cameras(
 
 
 AUTO_SKINS = Path("data/minens_real/skins")
+GENERATED_SKINS = {"procedural": procedural_skin, "flat": flat_skin}
 
 
 def resolve_skins(skins: str) -> str:
@@ -143,9 +144,10 @@ class MinensDataset(ViewsetDataset):
         seed: int = 0
         supersample: int = 2
         elevation: tuple[float, float] = (-20.0, 50.0)  # degrees
-        # "procedural", a folder of 64x32 (or 64x64) PNG skins (with train/val/test sub-folders, as
-        # `vsd-run data minens ROOT` writes to ROOT/skins), or "auto": AUTO_SKINS when it exists
-        # (relative to the working folder), else procedural
+        # "procedural", "flat" (one flat colour per box: head, body, arms, legs; a fast benchmark of
+        # whether a model learns each object's hues), a folder of 64x32 (or 64x64) PNG skins (with
+        # train/val/test sub-folders, as `vsd-run data minens ROOT` writes to ROOT/skins), or
+        # "auto": AUTO_SKINS when it exists (relative to the working folder), else procedural
         skins: str = "procedural"
         cache: bool = True  # keep rendered val/test items in memory
         max_swing: float = 45.0  # degrees, limbs swing in [-max_swing, max_swing]
@@ -184,7 +186,7 @@ class MinensDataset(ViewsetDataset):
         super().__init__(settings, split=split)
         self.num_objects = settings.num_objects or DEFAULT_SIZES[split]
         skins = resolve_skins(settings.skins)
-        self.skin_files = None if skins == "procedural" else self._skin_files(Path(skins), split)
+        self.skin_files = None if skins in GENERATED_SKINS else self._skin_files(Path(skins), split)
         self._cache: dict[int, dict] = {}
 
     @staticmethod
@@ -192,7 +194,7 @@ class MinensDataset(ViewsetDataset):
         """Skins of a folder, split 80/10/10 by sorted position (all of them if fewer than 10);
         a folder with a sub-folder named after the split uses that sub-folder's skins, all of them."""
         if not folder.is_dir():
-            raise ValueError(f"skins must be 'procedural' or a folder of PNG skins; {folder} is not a folder")
+            raise ValueError(f"skins must be 'procedural', 'flat', 'auto' or a folder of PNG skins; {folder} is not a folder")
         if (folder / split).is_dir():
             files = sorted((folder / split).glob("*.png"))
             if not files:
@@ -223,7 +225,7 @@ class MinensDataset(ViewsetDataset):
         """Skin (3, 32, 64), skin parameters and pose of object ``i``."""
         rng = self._rng(i, 0)
         if self.skin_files is None:
-            skin, params = procedural_skin(rng)
+            skin, params = GENERATED_SKINS[resolve_skins(self.settings.skins)](rng)
         else:
             path = self.skin_files[rng.integers(len(self.skin_files))]
             skin, params = load_skin(path), {"file": str(path)}

@@ -214,6 +214,20 @@ def procedural_skin(rng: np.random.Generator) -> tuple[Tensor, dict]:
     return paint_skin(params, rng), params
 
 
+def flat_skin(rng: np.random.Generator) -> tuple[Tensor, dict]:
+    """A skin (3, 32, 64) with one flat colour per box texture: head, body, arms, legs (left limbs
+    mirror the right ones, so they share their colour). Colours are saturated and bright enough to
+    tell apart, so whether a model reproduces an object's hues shows in every view."""
+    a = np.zeros((SKIN_HEIGHT, SKIN_WIDTH, 3), np.uint8)
+    params = {}
+    for part, (u0, v0, (w, h, d)) in PARTS.items():
+        hue, sat, val = rng.uniform(0, 1), rng.uniform(0.45, 1.0), rng.uniform(0.35, 0.95)
+        rgb = np.round(np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255).astype(np.uint8)
+        a[v0 : v0 + d + h, u0 : u0 + 2 * (d + w)] = rgb
+        params[part] = rgb
+    return torch.from_numpy(a).permute(2, 0, 1).float() / 255, params
+
+
 def load_skin(path: str | Path) -> Tensor:
     """Read a Minecraft skin PNG as (3, 32, 64) in [0, 1].
 
