@@ -163,3 +163,47 @@ def test_init_from_copies_the_shared_network_and_leaves_a_new_head_fresh(tiny_re
     t.run()  # and trains
     with pytest.raises(VsdError, match=r"denoiser of .* does not match .* tensors differ: denoiser\..* vs "):
         Trainer(tiny_recipe(["model.base_channels=4", f"train.init_from={tmp_path / 'voxel'}"]), tmp_path / "other", quiet=True)
+
+
+def test_view_weights_clean_views_at_their_own_t0_weight_heldout_at_its_weight(tiny_recipe):
+    recipe = tiny_recipe(["diffusion.min_snr_gamma=5.0", "train.clean_weight=1.0", "train.heldout_weight=0.25", "data.views=4", "train.heldout_views=1"])
+    model, _ = _model(recipe)
+    t = torch.tensor([999, 10])
+    clean = torch.tensor([[True, False, False], [False, False, False]])
+    w = model.view_weights(t, clean)
+    snr = model.schedule.min_snr_weight(t, 5.0) / 5.0
+    assert w.shape == (2, 4)
+    assert w[0, 0] == 1.0  # the clean view: not the tiny weight of its viewset's t = 999
+    assert w[0, 1] == w[0, 2] == snr[0] and snr[0] < 1e-3
+    assert w[1, :3].tolist() == [1.0, 1.0, 1.0] and snr[1] == 1.0  # low t: min(SNR, 5) / 5 = 1
+    assert w[:, 3].tolist() == [0.25, 0.25]
+    # null gamma: uniform weights on the input views
+    import dataclasses
+
+    model.recipe = dataclasses.replace(model.recipe, diffusion=model.recipe.diffusion.model_copy(update={"min_snr_gamma": None}))
+    assert model.view_weights(t, clean)[:, :3].eq(1.0).all()
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    from vsd.core.recipe import TrainSettings
+    from vsd.core.training import learning_rate
+
+    tr = TrainSettings(lr=1e-3, warmup_steps=10, steps=110, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert learning_rate(tr, 0) == 1e-4 and learning_rate(tr, 9) == 1e-3
+    assert abs(learning_rate(tr, 60) - 0.55e-3) < 1e-12  # half way: (1 + 0.1) / 2
+    assert abs(learning_rate(tr, 110) - 1e-4) < 1e-12 and abs(learning_rate(tr, 500) - 1e-4) < 1e-12
+    const = tr.model_copy(update={"lr_schedule": "constant"})
+    assert learning_rate(const, 100) == 1e-3
+
+
+def test_pass_both_hands_the_stem_features_to_unprojection(tiny_recipe):
+    recipe = tiny_recipe(["encoder.pass_both=true", "encoder.channels=8", "encoder.out_channels=12"])
+    model, ds = _model(recipe)
+    enc = model.denoiser.encoder
+    assert enc.out_channels == 20 and model.denoiser.lift.weight.shape[1] == 20
+    x, temb = torch.randn(2, 12, 16, 16), torch.randn(2, recipe.model.time_dim)
+    out = enc(x, temb)
+    assert out.shape == (2, 20, 8, 8) and torch.equal(out[:, :8], enc.stem(x))
+    loss, _ = model.training_loss(collate_viewsets([ds[0], ds[1]]), seed=0)
+    loss.backward()
+    assert enc.stem.weight.grad.abs().sum() > 0
