@@ -7,6 +7,8 @@ x0-prediction of the diffusion model, so every sample is 3D-consistent by constr
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +138,8 @@ class ViewsetDiffusion(nn.Module):
 
         use_self_cond = not tr.deterministic and draw.scalar() < diff.self_condition_prob
         bg = draw.rand(3) if (self.info.background == "random" and self.training) else self.background(B, dev)
+        if tr.colour_augment > 0:
+            batch = self._rotate_hues(batch, draw, tr.colour_augment)
         target = self._composite(batch, bg)
         x0 = target[:, :V]
         probs = torch.tensor(tr.cond_probs, dtype=torch.float)
@@ -196,6 +200,24 @@ class ViewsetDiffusion(nn.Module):
         inputs = torch.where(clean, torch.full_like(noisy_w, tr.clean_weight)[:, None], noisy_w[:, None].expand(B, V))
         held = torch.full((B, tr.heldout_views), tr.heldout_weight, device=t.device)
         return torch.cat([inputs, held], 1)
+
+    @staticmethod
+    def _rotate_hues(batch: Viewset, draw: "_Draws", prob: float) -> Viewset:
+        """With probability ``prob`` per viewset, rotate the colours of all its views by one
+        random angle about the grey axis (train.colour_augment). Greys (a white or black
+        background, shading) stay put and every view changes alike, so the object stays
+        consistent; a model can then only get an object's colours right by reading them from
+        its input views, never by remembering the training objects'."""
+        B = batch.images.shape[0]
+        angle = draw.rand(1)[:, 0] * 2 * math.pi
+        on = draw.rand(1)[:, 0] < prob
+        angle = torch.where(on, angle, torch.zeros_like(angle))
+        axis = torch.full((3,), 1 / math.sqrt(3), device=angle.device)
+        cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=angle.device) / math.sqrt(3)
+        c, s = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+        rot = c * torch.eye(3, device=angle.device) + s * cross + (1 - c) * torch.outer(axis, axis)  # (B, 3, 3), Rodrigues
+        images = torch.einsum("bij,bvjhw->bvihw", rot.to(batch.images.dtype), batch.images).clamp(-1, 1)
+        return dataclasses.replace(batch, images=images)
 
     @staticmethod
     def _composite(batch: Viewset, bg: Tensor) -> Tensor:

@@ -45,6 +45,10 @@ class TrainSettings(Settings):
         1, ge=0, description="views of each item kept out of the denoiser's input and only rendered for the loss"
     )
     heldout_weight: float = Field(0.1, ge=0, description="loss weight of the held-out views")
+    colour_augment: float = Field(
+        0.0, ge=0, le=1,
+        description="probability per training viewset of rotating all its views' colours by one random angle about the grey axis",
+    )
     clean_weight: float = Field(1.0, ge=0, description="loss weight of the clean input views (1: their weight at t = 0)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="after warm-up: a constant learning rate, or a cosine decay to lr * min_lr_ratio at train.steps"

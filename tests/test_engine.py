@@ -207,3 +207,23 @@ def test_pass_both_hands_the_stem_features_to_unprojection(tiny_recipe):
     loss, _ = model.training_loss(collate_viewsets([ds[0], ds[1]]), seed=0)
     loss.backward()
     assert enc.stem.weight.grad.abs().sum() > 0
+
+
+def test_colour_augment_rotates_hues_alike_in_every_view_and_keeps_greys(tiny_recipe):
+    from vsd.core.engine import _Draws
+
+    model, ds = _model(tiny_recipe())
+    batch = collate_viewsets([ds[0], ds[1]])
+    draw = lambda: _Draws(torch.Generator().manual_seed(3), 2, slice(0, 2), "cpu")  # noqa: E731
+    out = model._rotate_hues(batch, draw(), 1.0).images
+    src = batch.images
+    grey = (src.amax(2) - src.amin(2)) < 1e-6  # (B, V, H, W): white background and any grey texel
+    assert grey.any() and torch.allclose(out.movedim(2, -1)[grey], src.movedim(2, -1)[grey], atol=1e-5)
+    coloured = (src.amax(2) - src.amin(2)) > 0.3  # saturated texels move visibly
+    assert coloured.any() and (out - src).abs().movedim(2, -1)[coloured].mean() > 0.05
+    # one rotation per viewset: the same colour maps to the same colour in every view
+    flat_src, flat_out = src[0].movedim(1, -1).reshape(-1, 3), out[0].movedim(1, -1).reshape(-1, 3)
+    first = flat_src[coloured[0].reshape(-1)][0]
+    same = (flat_src - first).abs().amax(-1) < 1e-6
+    assert same.sum() > 1 and torch.allclose(flat_out[same], flat_out[same][0].expand_as(flat_out[same]), atol=1e-5)
+    assert torch.equal(model._rotate_hues(batch, draw(), 0.0).images, src)
