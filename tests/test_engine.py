@@ -220,7 +220,7 @@ def test_colour_augment_rotates_hues_alike_in_every_view_and_keeps_greys(tiny_re
     grey = (src.amax(2) - src.amin(2)) < 1e-6  # (B, V, H, W): white background and any grey texel
     assert grey.any() and torch.allclose(out.movedim(2, -1)[grey], src.movedim(2, -1)[grey], atol=1e-5)
     coloured = (src.amax(2) - src.amin(2)) > 0.3  # saturated texels move visibly
-    assert coloured.any() and (out - src).abs().movedim(2, -1)[coloured].mean() > 0.05
+    assert coloured.any() and (out - src).abs().movedim(2, -1)[coloured].amax() > 0.2
     # one rotation per viewset: a colour of view 0 planted in view 2 comes out alike in both
     import dataclasses
 
