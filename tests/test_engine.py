@@ -214,7 +214,7 @@ def test_colour_augment_rotates_hues_alike_in_every_view_and_keeps_greys(tiny_re
 
     model, ds = _model(tiny_recipe())
     batch = collate_viewsets([ds[0], ds[1]])
-    draw = lambda: _Draws(torch.Generator().manual_seed(3), 2, slice(0, 2), "cpu")  # noqa: E731
+    draw = lambda: _Draws(torch.Generator().manual_seed(2), 2, slice(0, 2), "cpu")  # noqa: E731
     out = model._rotate_hues(batch, draw(), 1.0).images
     src = batch.images
     grey = (src.amax(2) - src.amin(2)) < 1e-6  # (B, V, H, W): white background and any grey texel
