@@ -351,37 +351,38 @@ def truth_mask(images01: Tensor, masks: Tensor | None, background: Tensor) -> Te
 
 
 @dataclass
-class GalleryItem:
-    """One object's first target views, to match every reconstruction against (identity)."""
+class Gallery:
+    """The first target views of every evaluated object, to match each reconstruction against
+    (identity): cameras (1, N * n) object after object, truth (N * n, 3, H, W) in [0, 1] and its
+    mask (N * n, 1, H, W), n views per object."""
 
-    cameras: Cameras  # (1, n)
-    gt: Tensor  # (n, 3, H, W) in [0, 1]
-    mask: Tensor  # (n, 1, H, W) bool
-
-
-def build_gallery(dataset, n_obj: int, k: int, background: Tensor, device) -> list[GalleryItem]:
-    items = []
-    for j in range(n_obj):
-        item = dataset[j]
-        sl = slice(k, k + IDENTITY_VIEWS)
-        images = ((item["images"][sl] + 1) / 2).clamp(0, 1).to(device)
-        masks = item.get("masks")
-        cams = Cameras(item["c2w"][sl].to(device), item["K"][sl].to(device), images.shape[-2], images.shape[-1])
-        items.append(GalleryItem(cams[None], images, truth_mask(images, None if masks is None else masks[sl].to(device), background)))
-    return items
+    cameras: Cameras
+    gt: Tensor
+    mask: Tensor
+    views: int
 
 
-def identity_scores(model, scene, batch: int, gallery: list[GalleryItem]) -> list[float]:
-    """Foreground PSNR of the first reconstruction of a batch of ``batch`` scenes rendered at each
-    gallery object's target cameras against that object's truth; the reconstruction is
-    identified when the highest score is its own object's."""
-    scores = []
-    for g in gallery:
-        out = model.render(scene, _expand(g.cameras[0], batch))
-        rgb = out["rgb"][0].clamp(0, 1)
-        fg = g.mask | (out["opacity"][0] > FOREGROUND_OPACITY)
-        scores.append(round(float(masked_psnr(rgb, g.gt, fg).mean()), 4))
-    return scores
+def build_gallery(dataset, n_obj: int, k: int, background: Tensor, device) -> Gallery:
+    sl = slice(k, k + IDENTITY_VIEWS)
+    items = [dataset[j] for j in range(n_obj)]
+    n = min(it["images"][sl].shape[0] for it in items)
+    images = torch.cat([((it["images"][sl][:n] + 1) / 2).clamp(0, 1) for it in items]).to(device)
+    masks = None if any(it.get("masks") is None for it in items) else torch.cat([it["masks"][sl][:n] for it in items]).to(device)
+    c2w = torch.cat([it["c2w"][sl][:n] for it in items]).to(device)
+    K = torch.cat([it["K"][sl][:n] for it in items]).to(device)
+    cams = Cameras(c2w[None], K[None], images.shape[-2], images.shape[-1])
+    return Gallery(cams, images, truth_mask(images, masks, background), n)
+
+
+def identity_scores(model, scene, batch: int, gallery: Gallery) -> list[float]:
+    """Foreground PSNR, per gallery object, of the first of a batch of ``batch`` scenes rendered at
+    that object's views against its truth; the reconstruction is identified when the highest
+    score is its own object's. (Scenes are opaque to the engine, so the whole batch is rendered
+    and the first kept.)"""
+    rgb, opacity = _render_targets(model, scene, _expand(gallery.cameras[0], batch))
+    fg = gallery.mask | (opacity[0] > FOREGROUND_OPACITY)
+    per_view = masked_psnr(rgb[0], gallery.gt, fg)
+    return [round(float(x), 4) for x in per_view.reshape(-1, gallery.views).mean(1)]
 
 
 def lpips_frames(net, pred: Tensor, target: Tensor) -> Tensor:
@@ -396,7 +397,6 @@ def _render_targets(model, scene, cams: Cameras) -> tuple[Tensor, Tensor]:
     parts = [model.render(scene, cams[:, i : i + RENDER_CHUNK]) for i in range(0, cams.shape[1], RENDER_CHUNK)]
     rgb = torch.cat([p["rgb"] for p in parts], 1).clamp(0, 1)
     return rgb, torch.cat([p["opacity"] for p in parts], 1).clamp(0, 1)
-
 
 
 def _input_views(model, total_views: int, k: int) -> int:

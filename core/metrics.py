@@ -12,15 +12,20 @@ def psnr(pred: Tensor, target: Tensor) -> Tensor:
     return -10 * torch.log10(mse.clamp(min=1e-10))
 
 
-def ssim(pred: Tensor, target: Tensor) -> Tensor:
-    """SSIM (Gaussian window 11, sigma 1.5) of images in [0, 1]: (..., 3, H, W) -> (...)."""
+def _ssim_map(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-pixel SSIM (Gaussian window 11, sigma 1.5; smaller for tiny images) of images in
+    [0, 1], (..., 3, H, W) -> (N, 3, H, W) with N the flattened leading dimensions."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    lead = pred.shape[:-3]
     p, t = pred.float().reshape(-1, *pred.shape[-3:]), target.float().reshape(-1, *target.shape[-3:])
     k = 11 if min(p.shape[-2:]) >= 11 else (min(p.shape[-2:]) // 2) * 2 - 1
-    vals = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none", kernel_size=k)
-    return vals.reshape(lead)
+    _, full = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none", kernel_size=k, return_full_image=True)
+    return full
+
+
+def ssim(pred: Tensor, target: Tensor) -> Tensor:
+    """SSIM (Gaussian window 11, sigma 1.5) of images in [0, 1]: (..., 3, H, W) -> (...)."""
+    return _ssim_map(pred, target).flatten(1).mean(1).reshape(pred.shape[:-3])
 
 
 def masked_psnr(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -35,16 +40,11 @@ def masked_psnr(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 def masked_ssim(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """SSIM (as :func:`ssim`) averaged over the pixels where ``mask`` (..., 1, H, W) is true;
     an empty mask scores 1."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    lead = pred.shape[:-3]
-    p, t = pred.float().reshape(-1, *pred.shape[-3:]), target.float().reshape(-1, *target.shape[-3:])
-    k = 11 if min(p.shape[-2:]) >= 11 else (min(p.shape[-2:]) // 2) * 2 - 1
-    _, full = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none", kernel_size=k, return_full_image=True)
+    full = _ssim_map(pred, target)
     m = mask.float().reshape(-1, 1, *mask.shape[-2:]).expand_as(full)
     count = m.flatten(1).sum(1)
     vals = torch.where(count > 0, (full * m).flatten(1).sum(1) / count.clamp(min=1), torch.ones_like(count))
-    return vals.reshape(lead)
+    return vals.reshape(pred.shape[:-3])
 
 
 def foreground_colour(images: Tensor, mask: Tensor) -> Tensor:

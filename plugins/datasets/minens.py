@@ -186,7 +186,8 @@ class MinensDataset(ViewsetDataset):
         super().__init__(settings, split=split)
         self.num_objects = settings.num_objects or DEFAULT_SIZES[split]
         skins = resolve_skins(settings.skins)
-        self.skin_files = None if skins in GENERATED_SKINS else self._skin_files(Path(skins), split)
+        self.generate_skin = GENERATED_SKINS.get(skins)
+        self.skin_files = None if self.generate_skin else self._skin_files(Path(skins), split)
         self._cache: dict[int, dict] = {}
 
     @staticmethod
@@ -225,7 +226,7 @@ class MinensDataset(ViewsetDataset):
         """Skin (3, 32, 64), skin parameters and pose of object ``i``."""
         rng = self._rng(i, 0)
         if self.skin_files is None:
-            skin, params = GENERATED_SKINS[resolve_skins(self.settings.skins)](rng)
+            skin, params = self.generate_skin(rng)
         else:
             path = self.skin_files[rng.integers(len(self.skin_files))]
             skin, params = load_skin(path), {"file": str(path)}
