@@ -1,11 +1,14 @@
 """Figures and numbers of the shipped models' cards (README "Pretrained models").
 
     python benchmarks/model_cards.py [minens-voxel cars-triplane] [--objects 8] [--steps 50]
+        [--test-objects minens-voxel=20 cars-triplane=9]
 
 For each model: single-view novel-view PSNR on its shipped held-out viewsets (DDIM, one sample,
 view 0 conditions; the same protocol as tests/test_pretrained.py) against the mean training
 image, and docs/images/<name>_card.png: one row per object: the input, the true other views,
-then the sampled views of two samples. Writes benchmarks/results/model_cards.json.
+then the sampled views of two samples. With --test-objects, also `vsd-run eval NAME --split test
+--samples 1 --objects M` (run where the model's data folder is; output in runs/cards/NAME): PSNR,
+foreground PSNR and the fidelity metrics. Writes benchmarks/results/model_cards.json.
 """
 
 from __future__ import annotations
@@ -24,7 +27,19 @@ from vsd.core.media import save_grid
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def card(name: str, objects: int, steps: int, figure_objects: int = 4) -> dict:
+def test_split(name: str, objects: int, steps: int) -> dict:
+    """The test-split figures of `vsd-run eval NAME --split test --samples 1 --objects M --steps S`."""
+    from vsd.core.evaluation import EvalConfig, run_eval
+
+    cfg = EvalConfig(split="test", cond_views=1, samples=1, objects=objects, steps=steps, batch_size=1, seed=0)
+    summary, out = run_eval(name, cfg, ROOT / "runs" / "cards" / name, quiet=True)
+    group = summary["groups"]["all"]
+    best = group["best_of"]["1"]
+    return {"objects": summary["objects"], "steps": steps, "psnr": best["psnr"], "fg_psnr": best["fg_psnr"],
+            "fg_ssim": best["fg_ssim"], "fidelity": group["fidelity"], "metrics": str((out / "metrics.json").relative_to(ROOT))}
+
+
+def card(name: str, objects: int, steps: int, figure_objects: int = 4, test_objects: int | None = None) -> dict:
     pipe = vsd.load(name, device="cpu")
     t0 = time.time()
     scores = {s: pretrained.heldout_psnr(pipe, name, objects=objects, steps=s, seed=0) for s in sorted({20, steps})}
@@ -39,7 +54,8 @@ def card(name: str, objects: int, steps: int, figure_objects: int = 4) -> dict:
     w = pretrained.load_weights(pretrained.PRETRAINED_DIR / name / "model.safetensors")
     size = sum(p.stat().st_size for p in (pretrained.PRETRAINED_DIR / name).iterdir())
     return {"name": name, "step": w["step"], "size_mib": size / 2**20, "parameters": sum(v.numel() for v in w["ema"].values()),
-            "psnr_by_steps": scores, "eval_seconds": seconds, "figure": str(fig.relative_to(ROOT))}
+            "psnr_by_steps": scores, "eval_seconds": seconds, "figure": str(fig.relative_to(ROOT)),
+            "test_split": test_split(name, test_objects, steps) if test_objects else None}
 
 
 def main() -> None:
@@ -47,10 +63,12 @@ def main() -> None:
     ap.add_argument("names", nargs="*", default=None)
     ap.add_argument("--objects", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--test-objects", nargs="*", default=[], metavar="NAME=M", help="also evaluate NAME on M test-split objects")
     args = ap.parse_args()
+    test_objects = {k: int(v) for k, v in (a.split("=", 1) for a in args.test_objects)}
     out = []
     for name in args.names or pretrained.names():
-        out.append(card(name, args.objects, args.steps))
+        out.append(card(name, args.objects, args.steps, test_objects=test_objects.get(name)))
         print(json.dumps(out[-1], indent=2), flush=True)
     path = ROOT / "benchmarks" / "results" / "model_cards.json"
     path.parent.mkdir(parents=True, exist_ok=True)
