@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if mod is not None:
             importlib.import_module(f".{mod}", __package__).add_arguments(p)
     args = ap.parse_args(argv)
-    from vsd.core.memory import keep_freed_memory
+    from vsd.apps.memory import keep_freed_memory
 
     keep_freed_memory()  # as training and the CLI do
     if args.threads:

@@ -35,7 +35,7 @@ def worker(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     try:  # process settings the tree's own training applies (absent in older trees)
-        from vsd.core.memory import keep_freed_memory
+        from vsd.apps.memory import keep_freed_memory
 
         keep_freed_memory()
     except ImportError:

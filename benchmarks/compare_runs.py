@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from vsd.core.media import save_grid
-from vsd.core.sampling import load_model
-from vsd.core.training import fixed_batch
+from vsd.apps.media import save_grid
+from vsd.apps.sampling import load_model
+from vsd.apps.training import fixed_batch
 
 
 @torch.no_grad()

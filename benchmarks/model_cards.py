@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 
 import vsd
-from vsd.core import pretrained
-from vsd.core.media import save_grid
+from vsd.apps import pretrained
+from vsd.apps.media import save_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_split(name: str, objects: int, steps: int) -> dict:
     """The test-split figures of `vsd-run eval NAME --split test --samples 1 --objects M --steps S`."""
-    from vsd.core.evaluation import EvalConfig, run_eval
+    from vsd.apps.evaluation import EvalConfig, run_eval
 
     cfg = EvalConfig(split="test", cond_views=1, samples=1, objects=objects, steps=steps, batch_size=1, seed=0)
     summary, out = run_eval(name, cfg, ROOT / "runs" / "cards" / name, quiet=True)

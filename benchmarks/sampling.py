@@ -16,9 +16,9 @@ from .common import table, timeit, timeit_pair
 
 def load(model_ref: str, objects: int, device):
     import vsd
-    from vsd.core import pretrained
+    from vsd.apps import pretrained
     from vsd.core.cameras import Cameras
-    from vsd.core.training import fixed_batch
+    from vsd.apps.training import fixed_batch
 
     pipe = vsd.load(model_ref, device=device)
     if model_ref in pretrained.names():
@@ -33,7 +33,7 @@ def load(model_ref: str, objects: int, device):
 
 
 def run(args) -> dict:
-    from vsd.core.metrics import psnr
+    from vsd.apps.metrics import psnr
 
     model, images, cams = load(args.model, args.objects, args.device)
     N, V = images.shape[:2]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from vsd.core.metrics import psnr, ssim
+from vsd.apps.metrics import psnr, ssim
 from vsd.core.recipe import load_recipe
-from vsd.core.training import Trainer, fixed_batch
+from vsd.apps.training import Trainer, fixed_batch
 
 
 def mean_training_image(ds, n: int = 256) -> torch.Tensor:

@@ -20,10 +20,10 @@ from .common import counted_flops, max_rss_mib, peak_flops, table, timeit
 def build(recipe_ref: str, overrides: list[str], device, compile_backend: str | None = None):
     from vsd.core.engine import ViewsetDiffusion
     from vsd.core.recipe import load_recipe
-    from vsd.core.training import fixed_batch
+    from vsd.apps.training import fixed_batch
 
     try:
-        from vsd.core.training import make_optimizer
+        from vsd.apps.training import make_optimizer
     except ImportError:  # an older tree (benchmarks/against.py): its Trainer used plain Adam
         def make_optimizer(model, lr):
             return torch.optim.Adam(model.parameters(), lr=lr)
@@ -34,7 +34,7 @@ def build(recipe_ref: str, overrides: list[str], device, compile_backend: str | 
     model = ViewsetDiffusion(recipe, ds.info).to(device)
     batch = fixed_batch(ds, recipe.train.batch_size, torch.device(device))
     if compile_backend:
-        from vsd.core.training import compile_denoiser
+        from vsd.apps.training import compile_denoiser
 
         compile_denoiser(model, compile_backend)
     opt = make_optimizer(model, recipe.train.lr)  # what training uses

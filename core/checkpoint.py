@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..plugins.datasets.base import SceneInfo
+from .contracts import SceneInfo
 from .errors import DataError
 
 FORMAT = "vsd-checkpoint/1"
@@ -119,7 +119,7 @@ def _load_file(path: Path, map_location) -> dict:
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist (give a .pt file or a run directory)")
     if path.suffix == ".safetensors":  # shipped weights: EMA weights + recipe, no optimiser state
-        from .pretrained import load_weights
+        from .weights import load_weights
 
         return load_weights(path)
     data = _verify(path)

@@ -17,9 +17,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ..plugins.aggregators.base import Aggregator
-from ..plugins.encoders.base import Encoder
 from .cameras import Cameras
+from .contracts import Aggregator, Encoder
 from .embeddings import TimestepEmbedding
 from .settings import Settings
 from .unet3d import Downsample3d, LinearAttention3d, PointwiseConv3d, ResBlock3d, Upsample3d, group_norm, pointwise

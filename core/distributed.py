@@ -1,6 +1,6 @@
 """Multi-process training through PyTorch's own distributed engine (torchrun + DDP).
 
-``torchrun --nproc_per_node=N -m vsd.core.cli recipe R.yaml`` sets RANK / WORLD_SIZE /
+``torchrun --nproc_per_node=N -m vsd.cli recipe R.yaml`` sets RANK / WORLD_SIZE /
 LOCAL_RANK; :func:`setup` then joins the process group (gloo on CPU, nccl on CUDA). Without those
 variables everything runs in one process and these helpers are no-ops.
 """

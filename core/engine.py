@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..plugins.datasets.base import SceneInfo
 from .cameras import Cameras
+from .contracts import SceneInfo
 from .denoiser import Denoiser, ViewFeatures
 from .recipe import Recipe
 from .schedule import NoiseSchedule, guided_x0, make_scheduler

@@ -20,7 +20,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def vsd_encoders() -> dict[str, type]:
-    """Per-view 2D encoders: subclasses of :class:`vsd.plugins.encoders.base.Encoder`.
+    """Per-view 2D encoders: subclasses of :class:`vsd.core.contracts.Encoder`.
 
     Constructed as ``cls(settings, in_channels=..., time_dim=...)``; map an image with camera
     and self-conditioning channels, (N, in_channels, H, W), to features (N, C, H/s, W/s).
@@ -29,7 +29,7 @@ def vsd_encoders() -> dict[str, type]:
 
 @hookspec
 def vsd_aggregators() -> dict[str, type]:
-    """Multi-view aggregators: subclasses of :class:`vsd.plugins.aggregators.base.Aggregator`.
+    """Multi-view aggregators: subclasses of :class:`vsd.core.contracts.Aggregator`.
 
     Constructed as ``cls(settings, channels=C, resolution=D)``; fuse (B, V, C, D, D, D) per-view
     volumes (and an optional (B, C, D, D, D) query) into (B, C, D, D, D), invariant to view order.
@@ -38,7 +38,7 @@ def vsd_aggregators() -> dict[str, type]:
 
 @hookspec
 def vsd_representations() -> dict[str, type]:
-    """3D representations: subclasses of :class:`vsd.representations.base.Representation`.
+    """3D representations: subclasses of :class:`vsd.core.contracts.Representation`.
 
     Constructed as ``cls(settings, in_channels=C, resolution=D, bound=b)``; turn the denoiser's
     (B, C, D, D, D) feature volume into a Field or a list of Meshes; ``kind`` says which.
@@ -47,7 +47,7 @@ def vsd_representations() -> dict[str, type]:
 
 @hookspec
 def vsd_renderers() -> dict[str, type]:
-    """Renderers: subclasses of :class:`vsd.renderers.base.Renderer`.
+    """Renderers: subclasses of :class:`vsd.core.contracts.Renderer`.
 
     Constructed as ``cls(settings)``; ``accepts`` lists the representation kinds they draw.
     """
@@ -55,7 +55,7 @@ def vsd_renderers() -> dict[str, type]:
 
 @hookspec
 def vsd_datasets() -> dict[str, type]:
-    """Viewset datasets: subclasses of :class:`vsd.plugins.datasets.base.ViewsetDataset`.
+    """Viewset datasets: subclasses of :class:`vsd.core.contracts.ViewsetDataset`.
 
     Constructed as ``cls(settings, split=...)``; items are dicts of images (V, 3, H, W) in
     [-1, 1], c2w (V, 4, 4) OpenCV camera-to-world and K (V, 4) intrinsics.

@@ -10,6 +10,7 @@ Environment switches:
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 import os
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .hookspecs import PROJECT, SLOTS
 ENV_ALLOW = "VSD_PLUGINS"
 ENV_DISABLE = "VSD_DISABLE_PLUGIN_AUTOLOAD"
 ENTRY_POINT_GROUP = "vsd"
+BUILTINS = "vsd.plugins.builtins"
+"""The built-ins' module, loaded by name like an entry point: core imports no plugin code."""
 
 
 @dataclass
@@ -55,11 +58,7 @@ class _Source:
 
 
 def _base_classes() -> dict[str, type]:
-    from ..plugins.aggregators.base import Aggregator
-    from ..plugins.datasets.base import ViewsetDataset
-    from ..plugins.encoders.base import Encoder
-    from ..renderers.base import Renderer
-    from ..representations.base import Representation
+    from .contracts import Aggregator, Encoder, Renderer, Representation, ViewsetDataset
 
     return {
         "encoder": Encoder,
@@ -95,8 +94,7 @@ class Registry:
         """Build the registry: built-ins, then (if ``autoload``) entry points, then ``extra``
         ``(module_or_object, provider_name)`` pairs (used by tests to register in-process plugins).
         """
-        from ..plugins import builtins
-
+        builtins = importlib.import_module(BUILTINS)
         reg = cls(manager=pluggy.PluginManager(PROJECT))
         reg.manager.add_hookspecs(hookspecs)
         sources: dict[int, _Source] = {}

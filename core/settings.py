@@ -16,7 +16,7 @@ class Plugin:
 
     Each plugin class sets ``Settings`` to a subclass of :class:`Settings` (with defaults for
     everything that has a sensible default) and is constructed as ``cls(settings, **context)``,
-    where the context keyword arguments are fixed per slot (see each slot's ``base.py``).
+    where the context keyword arguments are fixed per slot (see each slot's contract in :mod:`vsd.core.contracts`).
     """
 
     Settings: type[Settings] = Settings

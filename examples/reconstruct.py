@@ -17,7 +17,7 @@ from pathlib import Path
 import vsd
 import vsd.api
 from vsd.core.cameras import Cameras
-from vsd.core.media import save_image
+from vsd.apps.media import save_image
 
 
 def main() -> None:

@@ -1,38 +1,16 @@
-"""Renderer slot: draw a representation's output at a batch of cameras."""
+"""Deprecated path: the renderer slot's contract moved to :mod:`vsd.core.contracts.renderer`.
 
-from __future__ import annotations
+Kept so plugins written against the old path keep importing; import from
+``vsd.core.contracts`` instead.
+"""
 
-from typing import ClassVar, TypedDict
+import warnings
 
-from torch import Tensor, nn
+from ..core.contracts.renderer import Cameras, Renderer, RenderOutput  # noqa: F401  (re-exported)
+from ..core.settings import Plugin  # noqa: F401  (re-exported)
 
-from ..core.cameras import Cameras
-from ..core.settings import Plugin
-
-
-class RenderOutput(TypedDict):
-    rgb: Tensor  # (B, V, 3, H, W) in [0, 1], composited over the background
-    depth: Tensor  # (B, V, 1, H, W) expected ray distance of the surface (0 where empty)
-    opacity: Tensor  # (B, V, 1, H, W) in [0, 1]
-
-
-class Renderer(Plugin, nn.Module):
-    """Render scenes at cameras.
-
-    Constructed as ``cls(settings)``. ``accepts`` names the representation kinds it draws.
-
-    ``forward(scene, cameras, background)``:
-        scene: what a representation returned for B objects (a Field, or a list of B Meshes).
-        cameras: Cameras of shape (B, V).
-        background: (B, 3) or (3,) colour in [0, 1] behind the object.
-        returns a :class:`RenderOutput`.
-    """
-
-    accepts: ClassVar[tuple[str, ...]] = ("field",)
-
-    def __init__(self, settings):
-        nn.Module.__init__(self)
-        self.settings = settings
-
-    def forward(self, scene, cameras: Cameras, background: Tensor) -> RenderOutput:  # pragma: no cover
-        raise NotImplementedError
+warnings.warn(
+    "vsd.renderers.base moved to vsd.core.contracts.renderer; this path will be removed in the next release",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -35,7 +35,7 @@ closed silhouette, moving shared edges does not change coverage, and the SoftRas
 all faces would both cost O(faces near each pixel) and dip along interior edges. The cost is
 O(silhouette pixels). ``softness = 0`` turns it off (interpolation still passes gradients).
 
-Outputs follow :class:`~vsd.renderers.base.RenderOutput` with the volume renderer's meanings:
+Outputs follow :class:`~vsd.core.contracts.RenderOutput` with the volume renderer's meanings:
 rgb composited over the background, ``opacity`` the coverage, and ``depth = opacity * distance``
 (0 where empty, ``depth / opacity`` the distance of the surface).
 
@@ -59,8 +59,7 @@ from torch import Tensor
 
 from ..core.cameras import Cameras
 from ..core.settings import Settings as BaseSettings
-from ..representations.base import Mesh
-from .base import Renderer, RenderOutput
+from ..core.contracts import Mesh, Renderer, RenderOutput
 
 try:
     import nvdiffrast.torch as dr

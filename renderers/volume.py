@@ -22,8 +22,7 @@ from torch import Tensor
 
 from ..core.cameras import Cameras
 from ..core.settings import Settings as BaseSettings
-from ..representations.base import Field
-from .base import Renderer, RenderOutput
+from ..core.contracts import Field, Renderer, RenderOutput
 
 try:
     import nerfacc

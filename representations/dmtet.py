@@ -28,7 +28,7 @@ from pydantic import field_validator
 from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
-from .base import Mesh, Representation
+from ..core.contracts import Mesh, Representation
 from .grid_sample import sample_features
 from .marching_tets import marching_tets
 from .tetgrid import TetGrid, tet_grid

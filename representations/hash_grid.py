@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
 from ..core.unet3d import PointwiseConv3d
-from .base import Field, Representation
+from ..core.contracts import Field, Representation
 from .grid_sample import sample_features, sample_volume
 from .triplane import mlp
 

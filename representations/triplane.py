@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
 from ..core.unet3d import PointwiseConv3d
-from .base import Field, Representation
+from ..core.contracts import Field, Representation
 
 # For each plane: the volume dimension it collapses (volume is (B, C, z, y, x)) and the two
 # point coordinates that address it, in grid_sample's (width, height) order.

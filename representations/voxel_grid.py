@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
 from ..core.unet3d import PointwiseConv3d
-from .base import Field, Representation
+from ..core.contracts import Field, Representation
 from .grid_sample import sample_volume
 
 

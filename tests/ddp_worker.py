@@ -7,7 +7,7 @@ import sys
 import torch
 
 from vsd.core.recipe import load_recipe
-from vsd.core.training import Trainer
+from vsd.apps.training import Trainer
 
 from conftest import TINY
 

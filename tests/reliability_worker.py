@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import vsd.core.checkpoint as checkpoint
-from vsd.core.cli import main
+from vsd.cli.main import main
 
 pause_step, marker, *argv = sys.argv[1:]
 sidecar_name = f"step_{int(pause_step):08d}.pt.sha256"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vsd.plugins.aggregators.attention import AttentionAggregator
-from vsd.plugins.aggregators.base import Aggregator
+from vsd.core.contracts import Aggregator
 from vsd.plugins.aggregators.pooling import MaxAggregator, MeanAggregator
 from vsd.plugins.aggregators.weighted import WeightedMeanAggregator
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vsd.core.checkpoint import load_checkpoint
-from vsd.core.cli import main
+from vsd.cli.main import main
 from vsd.core.recipe import SHIPPED_RECIPES, shipped_recipes
 
 from conftest import TINY
@@ -66,7 +66,7 @@ def test_every_shipped_recipe_trains_and_samples(name, tmp_path):
 
 def test_kill_then_resume_continues_from_last_checkpoint(tmp_path):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "vsd.core.cli", "recipe", "voxel_minens.yaml", *TINY, "train.steps=500", "--out", str(run), "--quiet"]
+    args = [sys.executable, "-m", "vsd.cli", "recipe", "voxel_minens.yaml", *TINY, "train.steps=500", "--out", str(run), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = run / "checkpoints" / "last.pt"
@@ -93,7 +93,7 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
 
 
 def test_sample_from_an_input_image(tmp_path):
-    from vsd.core.media import save_image
+    from vsd.apps.media import save_image
     from vsd.plugins.datasets.minens import MinensDataset
 
     run = tmp_path / "run"

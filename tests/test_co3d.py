@@ -352,7 +352,7 @@ def test_check_co3d(root):
 
 
 def test_data_check_command_handles_co3d(root, capsys):
-    from vsd.core.cli import main
+    from vsd.cli.main import main
 
     assert main(["data", "check", str(root)]) == 0
     (root / "hydrant" / "s0" / "masks" / "frame000001.png").unlink()

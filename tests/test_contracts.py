@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from vsd.core.cameras import Cameras
 from vsd.core.registry import get_registry
 from vsd.core.settings import Settings
-from vsd.representations.base import Field, Mesh
+from vsd.core.contracts import Field, Mesh
 
 REGISTRY = get_registry()
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from vsd.core.cameras import Cameras
-from vsd.core.cli import main
-from vsd.plugins.datasets.ac3d import parse_ac3d
+from vsd.cli.main import main
+from vsd.datatools.ac3d import parse_ac3d
 from vsd.plugins.datasets.srn import SRNDataset, write_srn_object
 
 # ---- AC3D ---------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def _textured_box(path):
 
 
 def test_render_meshes_writes_a_readable_srn_folder_and_resumes(tmp_path, capsys):
-    from vsd.plugins.datasets.meshes import RenderConfig, find_mesh_jobs, render_jobs
+    from vsd.datatools.meshes import RenderConfig, find_mesh_jobs, render_jobs
 
     _textured_box(tmp_path / "meshes" / "train" / "box.obj")
     out = tmp_path / "srn"
@@ -183,7 +183,7 @@ def test_check_names_every_bad_file(tmp_path, capsys):
 
 
 def test_check_flags_reflections_and_bad_last_rows(tmp_path):
-    from vsd.plugins.datasets.check import pose_problem
+    from vsd.datatools.check import pose_problem
 
     path = tmp_path / "p.txt"
     for matrix, words in (
@@ -233,7 +233,7 @@ def _fake_mod(folder, init_lua=INIT_LUA):
 
 
 def test_character_creator_layers_stack_in_get_texture_order(tmp_path):
-    from vsd.plugins.datasets.character_creator import LayerCatalogue, SkinChoice, compose, stacking_order
+    from vsd.datatools.character_creator import LayerCatalogue, SkinChoice, compose, stacking_order
 
     mod = _fake_mod(tmp_path / "mod")
     order = stacking_order(INIT_LUA)
@@ -265,7 +265,7 @@ def test_character_creator_layers_stack_in_get_texture_order(tmp_path):
 
 
 def test_minens_from_layers_writes_views_and_split_skins(tmp_path):
-    from vsd.plugins.datasets.character_creator import build_minens
+    from vsd.datatools.character_creator import build_minens
     from vsd.plugins.datasets.minens import MinensDataset
 
     mod = _fake_mod(tmp_path / "mod")
@@ -289,7 +289,7 @@ def test_minens_from_layers_writes_views_and_split_skins(tmp_path):
 # ---- preparing a recipe's dataset ---------------------------------------------------------------
 def test_ensure_dataset_runs_the_named_preparer_once(tmp_path, monkeypatch):
     from vsd.core.errors import RecipeError
-    from vsd.plugins.datasets import prepare
+    from vsd.datatools import prepare
 
     calls = []
     monkeypatch.setitem(prepare.PREPARERS, "fake", lambda root: (calls.append(root), _srn(root)))
@@ -302,7 +302,7 @@ def test_ensure_dataset_runs_the_named_preparer_once(tmp_path, monkeypatch):
 
 
 def test_cars_without_apt_says_what_to_do_instead(tmp_path, monkeypatch, capsys):
-    from vsd.plugins.datasets import debian
+    from vsd.datatools import debian
 
     monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     assert main(["data", "cars", str(tmp_path / "cars")]) == 2
@@ -315,7 +315,7 @@ def test_extract_deb_writes_only_matching_members(tmp_path):
     import io
     import tarfile
 
-    from vsd.plugins.datasets.debian import extract_deb
+    from vsd.datatools.debian import extract_deb
 
     def tar_bytes(files: dict[str, bytes]) -> bytes:
         buf = io.BytesIO()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vsd.core.checkpoint import run_checkpoints
-from vsd.core.training import Trainer
+from vsd.apps.training import Trainer
 
 HERE = Path(__file__).parent
 

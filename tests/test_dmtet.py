@@ -14,7 +14,7 @@ import trimesh
 from vsd.core.cameras import Cameras
 from vsd.renderers.rasterizer import MeshRasterizer
 from vsd.representations import marching_tets as mt
-from vsd.representations.base import Mesh
+from vsd.core.contracts import Mesh
 from vsd.representations.dmtet import DMTet, sdf_sign_regulariser
 from vsd.representations.grid_sample import sample_features
 from vsd.representations.marching_tets import NUM_TRIANGLES, TRIANGLE_TABLE, kaolin_available, marching_tets
@@ -289,7 +289,7 @@ def test_bad_settings_and_volumes_are_named():
 
 def test_the_sdf_regulariser_setting_adds_to_the_training_loss(tiny_recipe):
     from vsd.core.engine import ViewsetDiffusion
-    from vsd.core.training import fixed_batch
+    from vsd.apps.training import fixed_batch
 
     for weight in (0.0, 0.5):
         recipe = tiny_recipe(["representation.type=dmtet", "renderer.type=rasterizer", f"representation.sdf_regulariser={weight}"], ref="dmtet_minens.yaml")
@@ -308,8 +308,8 @@ def test_the_sdf_regulariser_setting_adds_to_the_training_loss(tiny_recipe):
 def test_the_shipped_recipe_starts_from_the_shipped_voxel_model():
     from vsd.core.engine import ViewsetDiffusion
     from vsd.core.recipe import load_recipe
-    from vsd.core.sampling import load_model
-    from vsd.core.training import initialise_from
+    from vsd.apps.sampling import load_model
+    from vsd.apps.training import initialise_from
     from vsd.plugins.datasets.minens import MinensDataset
 
     recipe = load_recipe("dmtet_minens.yaml", ["data.skins=procedural"])

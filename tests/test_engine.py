@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vsd.core.engine import ViewsetDiffusion
-from vsd.core.training import Trainer, fixed_batch
+from vsd.apps.training import Trainer, fixed_batch
 from vsd.core.viewset import collate_viewsets
 
 
@@ -125,7 +125,7 @@ def test_conditioning_feature_cache_gives_the_same_samples(tiny_recipe):
 
 
 def test_tensorboard_scalars_when_available(tiny_recipe, tmp_path, monkeypatch):
-    import vsd.core.training as training
+    import vsd.apps.training as training
 
     written = []
 
@@ -148,7 +148,7 @@ def test_init_from_copies_the_shared_network_and_leaves_a_new_head_fresh(tiny_re
     import pytest
 
     from vsd.core.errors import VsdError
-    from vsd.core.sampling import load_model
+    from vsd.apps.sampling import load_model
 
     source = Trainer(tiny_recipe(), tmp_path / "voxel", quiet=True)
     source.run()
@@ -186,7 +186,7 @@ def test_view_weights_clean_views_at_their_own_t0_weight_heldout_at_its_weight(t
 
 def test_learning_rate_warms_up_then_decays_to_its_floor():
     from vsd.core.recipe import TrainSettings
-    from vsd.core.training import learning_rate
+    from vsd.apps.training import learning_rate
 
     tr = TrainSettings(lr=1e-3, warmup_steps=10, steps=110, lr_schedule="cosine", min_lr_ratio=0.1)
     assert learning_rate(tr, 0) == 1e-4 and learning_rate(tr, 9) == 1e-3

@@ -13,11 +13,11 @@ import types
 import pytest
 import torch
 
-from vsd.core import evaluation as ev
-from vsd.core.cli import main
+from vsd.apps import evaluation as ev
+from vsd.cli.main import main
 from vsd.core.engine import ViewsetDiffusion
 from vsd.core.errors import VsdError
-from vsd.core.metrics import psnr, ssim
+from vsd.apps.metrics import psnr, ssim
 
 from conftest import TINY
 
@@ -216,7 +216,7 @@ def test_cli_eval_writes_metrics_and_resumes(run_dir, tmp_path, monkeypatch):
 
 
 def test_deterministic_checkpoints_draw_one_sample(run_dir, tmp_path):
-    from vsd.core.sampling import load_model
+    from vsd.apps.sampling import load_model
 
     model = load_model(run_dir)
     model.recipe = dataclasses.replace(model.recipe, train=model.recipe.train.model_copy(update={"deterministic": True}))

@@ -10,9 +10,9 @@ import torch
 import trimesh
 
 from vsd.core.checkpoint import load_checkpoint
-from vsd.core.cli import main
-from vsd.core.export import export_mesh, field_to_mesh, mesh_to_trimesh, scene_to_meshes
-from vsd.representations.base import Mesh
+from vsd.cli.main import main
+from vsd.apps.export import export_mesh, field_to_mesh, mesh_to_trimesh, scene_to_meshes
+from vsd.core.contracts import Mesh
 from vsd.representations.voxel_grid import VoxelField
 
 from conftest import TINY

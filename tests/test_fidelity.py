@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from vsd.core import evaluation as ev
-from vsd.core.metrics import foreground_colour, masked_psnr, masked_ssim, psnr
+from vsd.apps import evaluation as ev
+from vsd.apps.metrics import foreground_colour, masked_psnr, masked_ssim, psnr
 from vsd.core.recipe import load_recipe
 
 N_OBJECTS = 6
@@ -81,7 +81,7 @@ def test_one_object_for_every_input_scores_chance_and_no_spread(flat_test_set, t
 
 
 def test_fidelity_is_in_the_tables_and_the_sweep_metrics(flat_test_set, tmp_path):
-    from vsd.core.sweep import summary_metrics
+    from vsd.apps.sweep import summary_metrics
 
     _evaluate(tmp_path, *flat_test_set, constant=True)
     import json

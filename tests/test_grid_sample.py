@@ -81,7 +81,7 @@ def test_pointwise_conv_equals_the_1x1_convolution(cls, spatial, bias):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc malloc setting")
 def test_freed_memory_is_kept_for_the_next_allocation():
-    from vsd.core.memory import keep_freed_memory
+    from vsd.apps.memory import keep_freed_memory
 
     assert keep_freed_memory()
     n = 16 << 20  # 64 MiB of float32: far above glibc's largest mmap threshold (32 MiB)

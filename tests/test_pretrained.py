@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import vsd
-from vsd.core import pretrained
-from vsd.core.cli import main
+from vsd.apps import pretrained
+from vsd.cli.main import main
 
 from conftest import TINY
 
@@ -41,7 +41,7 @@ def test_shipped_model_reconstructs_held_out_objects(name):
 
 def test_sample_command_takes_a_shipped_name(tmp_path, capsys):
     held = pretrained.heldout("minens-voxel")
-    from vsd.core.media import save_image
+    from vsd.apps.media import save_image
 
     img = save_image(held["images"][0, 0], tmp_path / "in.png")
     out = tmp_path / "samples"

@@ -9,9 +9,9 @@ import pytest
 import torch
 import trimesh
 
-from vsd.core.cli import main
-from vsd.core.refine import FreeHashField, RefineSettings, refine_scene, target_cameras
-from vsd.core.sampling import load_model
+from vsd.cli.main import main
+from vsd.apps.refine import FreeHashField, RefineSettings, refine_scene, target_cameras
+from vsd.apps.sampling import load_model
 from vsd.representations.voxel_grid import VoxelField
 
 from conftest import TINY

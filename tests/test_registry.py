@@ -115,7 +115,7 @@ def test_bad_hook_results_are_recorded_as_failures():
     errors = [f.error for f in reg.failures]
     assert all(f.provider == "vsd-bad" for f in reg.failures) and len(errors) == 5, errors
     for name in ("not-an-aggregator", "wrong-slot", "not-a-class"):
-        assert any(f"'{name}' is not a subclass of vsd.plugins.aggregators.base.Aggregator" in e for e in errors), name
+        assert any(f"'{name}' is not a subclass of vsd.core.contracts.aggregator.Aggregator" in e for e in errors), name
     assert any("vsd_renderers must return a dict" in e and "list" in e for e in errors)
     assert any("vsd_datasets raised RuntimeError: no data today" in e for e in errors)
     assert reg.names("aggregator") == sorted(["attention", "fine", "max", "mean", "weighted-mean"])

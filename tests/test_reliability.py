@@ -35,12 +35,12 @@ from PIL import Image
 from vsd.core import checkpoint as checkpoint_module
 from vsd.core import registry as registry_module
 from vsd.core.checkpoint import FORMAT, load_checkpoint, run_checkpoints
-from vsd.core.cli import main
+from vsd.cli.main import main
 from vsd.core.errors import DataError, RecipeError, VsdError
 from vsd.core.hookspecs import hookimpl
 from vsd.core.recipe import SLOT_KEYS, TOP_LEVEL, Recipe, _engine_schemas, load_recipe, load_recipe_dict
 from vsd.core.registry import Registry, get_registry
-from vsd.core.training import Trainer, step_seed
+from vsd.apps.training import Trainer, step_seed
 
 from conftest import TINY
 
@@ -142,7 +142,7 @@ def test_sigkill_at_random_moments_then_resume_matches_the_uninterrupted_run(tmp
             proc = _spawn([str(TESTS / "reliability_worker.py"), str(at), str(marker), *cli])
             _wait(proc, marker.exists, f"the save of step {at}")
         else:
-            proc = _spawn(["-m", "vsd.core.cli", *cli])
+            proc = _spawn(["-m", "vsd.cli", *cli])
             _wait(proc, lambda: _newest_saved(run) >= at - 1, f"the checkpoint of step {at - 1}")
             start = time.time()
             _wait(proc, lambda: _newest_saved(run) >= at, f"the checkpoint of step {at}")
@@ -181,7 +181,7 @@ def test_sigterm_and_sigint_checkpoint_the_current_step_then_exit(tmp_path, sig)
     """SLOW (1 training subprocess each). No periodic checkpoints: the one found afterwards was
     written because of the signal, at the step the run had reached."""
     run = tmp_path / "run"
-    proc = _spawn(["-m", "vsd.core.cli", *_cli_args(run, 500, "train.checkpoint_every=100000")])
+    proc = _spawn(["-m", "vsd.cli", *_cli_args(run, 500, "train.checkpoint_every=100000")])
     _wait(proc, lambda: _logged_steps(run) >= 2, "two logged steps")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -582,7 +582,7 @@ def _png_bomb(path: Path) -> Path:
 
 
 def test_input_images_of_other_modes_and_sizes_are_read(tmp_path):
-    from vsd.core.media import load_image
+    from vsd.apps.media import load_image
 
     Image.new("L", (16, 16), 128).save(tmp_path / "gray.png")
     Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(tmp_path / "clear.png")

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vsd.core.cli import main
+from vsd.cli.main import main
 from vsd.core.checkpoint import load_checkpoint
 from vsd.core.registry import get_registry
-from vsd.core.sweep import (
+from vsd.apps.sweep import (
     Job, SweepError, _place, aggregate, load_sweep, metric_names, read_status, run_name, summary_metrics,
 )
 
@@ -121,7 +121,7 @@ def test_cuda_workers_get_one_gpu_each_round_robin():
 
 
 def test_status_lists_every_run_and_tells_interrupted_from_running(tmp_path, capsys):
-    from vsd.core.sweep import run_lock, update_status
+    from vsd.apps.sweep import run_lock, update_status
 
     path = write_sweep(tmp_path, "st", axes={"aggregator.type": ["mean", "max", "attention", "weighted-mean"]})
     runs = load_sweep(path).runs
@@ -155,7 +155,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     sweep = load_sweep(path)
     dirs = [r.dir for r in sweep.runs]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vsd.core.cli", "sweep", str(path), "--workers", "1", "--threads", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "vsd.cli", "sweep", str(path), "--workers", "1", "--threads", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         first = _wait_for(lambda: next((d for d in dirs if read_status(d).get("state") == "done"), None), 240, "a finished run")
@@ -244,7 +244,7 @@ def test_ray_executor_runs_each_run_as_a_task(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweep_files_load_and_every_run_recipe_validates(path):
     from vsd.core.recipe import load_recipe
-    from vsd.core.sweep import load_sweep
+    from vsd.apps.sweep import load_sweep
 
     sweep = load_sweep(path)
     assert len(sweep.runs) >= 4 and len({r.name for r in sweep.runs}) == len(sweep.runs)

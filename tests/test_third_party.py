@@ -76,7 +76,7 @@ def fresh_registry(monkeypatch):
 
 def vsd_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("vsd-run")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "vsd.core.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "vsd.cli"]
     switches = (registry_module.ENV_ALLOW, registry_module.ENV_DISABLE)
     full_env = {k: v for k, v in os.environ.items() if k not in switches}
     full_env.update({"COLUMNS": "400", **(env or {})})  # wide enough that no cell is folded

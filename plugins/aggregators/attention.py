@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ...core.settings import Settings as _Settings
 from ...core.unet3d import group_norm
-from .base import Aggregator
+from ...core.contracts import Aggregator
 
 
 class AttentionAggregator(Aggregator):

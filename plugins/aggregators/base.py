@@ -1,33 +1,16 @@
-"""Aggregator slot: fuse per-view 3D feature volumes into one volume.
+"""Deprecated path: the aggregator slot's contract moved to :mod:`vsd.core.contracts.aggregator`.
 
-The denoiser calls an aggregator at every skip connection of its 3D U-Net and at the bottleneck,
-always with the same signature, for any number of views V >= 1.
+Kept so plugins written against the old path keep importing; import from
+``vsd.core.contracts`` instead.
 """
 
-from __future__ import annotations
+import warnings
 
-from torch import Tensor, nn
+from ...core.contracts.aggregator import Aggregator  # noqa: F401  (re-exported)
+from ...core.settings import Plugin  # noqa: F401  (re-exported)
 
-from ...core.settings import Plugin
-
-
-class Aggregator(Plugin, nn.Module):
-    """Fuse V per-view feature volumes.
-
-    Constructed as ``cls(settings, channels=C, resolution=D)``.
-
-    ``forward(feats, query=None)``:
-        feats: (B, V, C, D, D, D) — one feature volume per view.
-        query: (B, C, D, D, D) or None — the decoder's feature at this scale; None at the
-               bottleneck (an aggregator that needs a query uses a learned one there).
-        returns (B, C, D, D, D). Must be invariant to the order of the V views.
-    """
-
-    def __init__(self, settings, *, channels: int, resolution: int):
-        nn.Module.__init__(self)
-        self.settings = settings
-        self.channels = channels
-        self.resolution = resolution
-
-    def forward(self, feats: Tensor, query: Tensor | None = None) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+warnings.warn(
+    "vsd.plugins.aggregators.base moved to vsd.core.contracts.aggregator; this path will be removed in the next release",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ...core.settings import Settings as _Settings
-from .base import Aggregator
+from ...core.contracts import Aggregator
 
 
 class MeanAggregator(Aggregator):

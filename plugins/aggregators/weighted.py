@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ...core.settings import Settings as _Settings
-from .base import Aggregator
+from ...core.contracts import Aggregator
 
 
 class WeightedMeanAggregator(Aggregator):

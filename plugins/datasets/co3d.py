@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ...core.errors import DataError
 from ...core.settings import Settings as BaseSettings
-from .base import SPLITS, SceneInfo, ViewsetDataset
+from ...core.contracts import SPLITS, SceneInfo, ViewsetDataset
 
 CACHE_VERSION = 1
 INTRINSICS_FORMATS = ("ndc_isotropic", "ndc_norm_image_bounds")

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...core.cameras import Cameras, spherical_to_cartesian
 from ...core.settings import Settings as BaseSettings
-from .base import SPLIT_SEEDS, SceneInfo, ViewsetDataset
+from ...core.contracts import SPLIT_SEEDS, SceneInfo, ViewsetDataset
 from .boxes import Boxes, box_uv_maps, render_boxes
 from .skins import PARTS, flat_skin, load_skin, procedural_skin
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...core.errors import DataError
 from ...core.settings import Settings as BaseSettings
-from .base import SceneInfo, ViewsetDataset
+from ...core.contracts import SceneInfo, ViewsetDataset
 
 SRN_TEST_SOURCE_VIEW = 64  # the conditioning view of every test object in the published protocol
 _BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
@@ -170,7 +170,7 @@ class SRNDataset(ViewsetDataset):
         protocol: Literal["random", "srn-test"] = "random"
         max_objects: int | None = None
         seed: int = 0  # of the per-index view choice in val/test
-        # make the dataset on first use when `root` has no split folders (see datasets/prepare.py)
+        # make the dataset on first use when `root` has no split folders (see datatools/prepare.py)
         prepare: Literal["torcs-cars", "minens-character-creator"] | None = None
 
         @field_validator("image_size", "views")

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ...core.settings import Settings as _Settings
 from ...core.unet3d import ResBlock
-from .base import Encoder
+from ...core.contracts import Encoder
 
 
 class ConvEncoder(Encoder):

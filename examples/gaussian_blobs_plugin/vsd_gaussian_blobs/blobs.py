@@ -17,9 +17,9 @@ from pydantic import Field as Setting
 from pydantic import model_validator
 from torch import Tensor, nn
 
+from vsd.core.contracts import Field, Representation
 from vsd.core.settings import Settings as BaseSettings
 from vsd.core.unproject import voxel_centres
-from vsd.representations.base import Field, Representation
 
 _SQRT_2PI = math.sqrt(2 * math.pi)
 

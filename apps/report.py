@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import DataError
+from ..core.errors import DataError
 from .evaluation import markdown_table, summary_table
 
 CURVES = ("loss", "mse", "mse_heldout")

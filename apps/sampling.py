@@ -1,13 +1,15 @@
-"""Loading a trained model and drawing samples from it (``vsd-run sample``)."""
+"""Loading a trained model and drawing samples from it (``vsd-run sample``), or meshes of
+samples (``vsd-run export``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import info_from_dict, load_checkpoint, recipe_from_state
-from .engine import ViewsetDiffusion
-from .recipe import load_recipe_dict
-from .distributed import select_device
+from ..core.checkpoint import info_from_dict, load_checkpoint, recipe_from_state
+from ..core.engine import ViewsetDiffusion
+from ..core.recipe import load_recipe_dict
+from ..core.distributed import select_device
+from .export import FORMATS, export_mesh, scene_to_meshes
 
 
 def load_model(checkpoint: str | Path, device: str = "auto", ema: bool = True) -> ViewsetDiffusion:
@@ -43,9 +45,32 @@ def sample_to_files(
 
 def sample(model: ViewsetDiffusion, *, input_image=None, num_samples: int = 4, views=None, seed: int = 0, steps=None, guidance=None, elevation: float = 0.0):
     """One entry for the CLI commands: a :class:`vsd.api.Result` from the Python API."""
-    from ..api import Pipeline
+    from .pipeline import Pipeline
 
     pipe = Pipeline(model)
     if input_image is None:
         return pipe.generate(num_samples, views=views, steps=steps, seed=seed, elevation=elevation)
     return pipe.reconstruct(input_image, num_samples=num_samples, views=views, steps=steps, seed=seed, guidance=guidance, elevation=elevation)
+
+
+def export_to_files(
+    model,
+    out_dir: str | Path,
+    *,
+    input_image: str | Path | None = None,
+    num_samples: int = 1,
+    format: str = "glb",
+    resolution: int = 64,
+    threshold: float | None = None,
+    min_component_ratio: float = 0.02,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> list[Path]:
+    """Sample ``num_samples`` objects and write one mesh each, ``sample_<i>.<format>``."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown mesh format {format!r}: choose one of {', '.join(FORMATS)}")
+    result = sample(model, input_image=input_image, num_samples=num_samples, seed=seed, steps=steps, guidance=guidance)
+    meshes = scene_to_meshes(result.scene, resolution, threshold, min_component_ratio)
+    out = Path(out_dir)
+    return [export_mesh(m, out / f"sample_{i}.{format}", format) for i, m in enumerate(meshes)]

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed
-from .checkpoint import info_to_dict, load_checkpoint, save_run_checkpoint
-from .engine import ViewsetDiffusion
-from .errors import DataError, RecipeError, VsdError
+from ..core import distributed
+from ..core.checkpoint import info_to_dict, load_checkpoint, save_run_checkpoint
+from ..core.engine import ViewsetDiffusion
+from ..core.errors import DataError, RecipeError, VsdError
+from ..core.recipe import Recipe
+from ..core.viewset import Viewset, collate_viewsets
 from .media import save_grid
 from .memory import keep_freed_memory
-from .recipe import Recipe
-from .viewset import Viewset, collate_viewsets
 
 
 def build_dataset(recipe: Recipe, split: str):
@@ -136,7 +136,7 @@ def write_samples(model: ViewsetDiffusion, batch: Viewset, out_dir: Path, tag: s
         "unconditional": save_grid(((uncond.x0 + 1) / 2).cpu(), out_dir / f"{tag}_uncond.png", upscale=2),
     }
     if turntable:
-        from ..api import Pipeline, Result
+        from .pipeline import Pipeline, Result
 
         result = Result(Pipeline(model), cond.scene, (cond.x0 + 1) / 2, batch.cameras)
         files["turntable"] = result.turntable(out_dir / f"{tag}_turntable.gif")
@@ -175,7 +175,7 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         torch.manual_seed(recipe.seed)
         if self.dist.is_main:
-            from ..plugins.datasets.prepare import ensure_dataset
+            from ..datatools.prepare import ensure_dataset
 
             ensure_dataset(recipe)
         distributed.barrier(self.dist)

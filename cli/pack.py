@@ -18,9 +18,9 @@ def register(app: typer.Typer) -> None:
         objects: int = typer.Option(8, "--objects", min=1, help="held-out test viewsets stored beside the weights"),
     ) -> None:
         """Write OUT/NAME/model.safetensors (EMA weights + resolved recipe) and heldout.safetensors."""
-        from .cli import out
-        from .pretrained import PRETRAINED_DIR
-        from .pretrained import pack as do_pack
+        from .console import out
+        from ..apps.pretrained import PRETRAINED_DIR
+        from ..apps.pretrained import pack as do_pack
 
         path = do_pack(checkpoint, name, out_dir or PRETRAINED_DIR, overrides or [], objects)
         size = sum(p.stat().st_size for p in path.parent.iterdir()) / 2**20
@@ -29,8 +29,8 @@ def register(app: typer.Typer) -> None:
     @app.command("models")
     def models() -> None:
         """List the models shipped with this install (names for vsd.load and vsd-run sample)."""
-        from .cli import out
-        from .pretrained import PRETRAINED_DIR, load_weights, names
+        from .console import out
+        from ..apps.pretrained import PRETRAINED_DIR, load_weights, names
 
         shipped = names()
         for n in shipped:

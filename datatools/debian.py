@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ...core.errors import DataError
+from ..core.errors import DataError
 
 
 def _missing_tool_message(package: str, alternatives: str) -> str:

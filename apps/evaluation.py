@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cameras import Cameras
-from .errors import VsdError
+from ..core.cameras import Cameras
+from ..core.errors import VsdError
 from .metrics import foreground_colour, masked_psnr, masked_ssim, psnr, ssim
 
 LPIPS_ENV = "VSD_LPIPS_WEIGHTS"
@@ -817,10 +817,10 @@ def default_out_dir(checkpoint: Path, split: str, cond_views: int) -> Path:
 
 def run_eval(checkpoint: str | Path, cfg: EvalConfig, out_dir: str | Path | None = None, *, device: str = "auto", quiet: bool = False) -> tuple[dict, Path]:
     """Load a checkpoint (EMA weights), build its recipe's dataset split and evaluate."""
-    from .checkpoint import info_from_dict, load_checkpoint, recipe_from_state
-    from .engine import ViewsetDiffusion
-    from .recipe import load_recipe_dict
-    from .distributed import select_device
+    from ..core.checkpoint import info_from_dict, load_checkpoint, recipe_from_state
+    from ..core.engine import ViewsetDiffusion
+    from ..core.recipe import load_recipe_dict
+    from ..core.distributed import select_device
     from .pretrained import resolve
 
     checkpoint = resolve(checkpoint)

@@ -1,4 +1,4 @@
-"""``vsd-run sweep``: train and evaluate a family of recipes (see :mod:`vsd.core.sweep`)."""
+"""``vsd-run sweep``: train and evaluate a family of recipes (see :mod:`vsd.apps.sweep`)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ def sweep_command(
     resumes interrupted ones. Writes results.csv, results.md and metric.png. Exits 1 when a run failed."""
     from rich.markup import escape
 
-    from .cli import err, out
-    from .errors import VsdError
-    from .sweep import SweepInterrupted, load_sweep, run_sweep, status_rows
+    from .console import err, out
+    from ..core.errors import VsdError
+    from ..apps.sweep import SweepInterrupted, load_sweep, run_sweep, status_rows
 
     sweep = load_sweep(file, out_dir)
     if status:
@@ -55,8 +55,8 @@ def print_status(sweep, rows: list[dict]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .cli import out
-    from .sweep import format_value
+    from .console import out
+    from ..apps.sweep import format_value
 
     table = Table(title=f"sweep {sweep.name}: {sweep.out}")
     for col in [*sweep.axes, "state", "step", "tries", sweep.metric]:

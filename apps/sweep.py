@@ -33,7 +33,7 @@ summary of all objects: ``{psnr,ssim,lpips}_best_of_{n}`` (n in 1, 5, 10, 20, ..
 ``samples``), ``{psnr,ssim,lpips}_mean`` (mean over samples), ``{psnr,ssim,lpips}_averaged_sample``,
 ``pairwise_mse``, ``pairwise_l2``, ``pairwise_psnr``, the same with ``fg_psnr`` / ``fg_ssim`` (foreground only),
 ``input_view_psnr``, ``identity_accuracy``, ``colour_error``, ``colour_spread_pred``,
-``colour_spread_true``, ``colour_spread_ratio`` (see vsd.core.evaluation), each also with an ``ambiguous_`` or
+``colour_spread_true``, ``colour_spread_ratio`` (see vsd.apps.evaluation), each also with an ``ambiguous_`` or
 ``unambiguous_`` prefix for those subsets; unconditional evaluation (``cond_views: 0``) gives
 ``kid_random_conv`` and ``kid_pixel_stats``.
 
@@ -89,8 +89,8 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import Field
 
-from .errors import RecipeError, VsdError
-from .settings import Settings
+from ..core.errors import RecipeError, VsdError
+from ..core.settings import Settings
 
 STATES = ("pending", "running", "done", "failed")
 STATUS = "status.json"
@@ -193,7 +193,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
 
 
 def _find_base(ref, path: Path, src: str) -> Path:
-    from .recipe import find_recipe
+    from ..core.recipe import find_recipe
 
     if not isinstance(ref, str) or not ref:
         raise SweepError(src, "base", f"expected a recipe path or shipped recipe name, got {ref!r}")
@@ -214,7 +214,7 @@ def _overrides(items, src: str) -> list[str]:
 
 
 def _eval_settings(block, src: str) -> SweepEval:
-    from .recipe import _settings
+    from ..core.recipe import _settings
 
     if block is not None and not isinstance(block, dict):
         raise SweepError(src, "eval", f"expected a mapping of evaluation settings, got {block!r}")
@@ -393,7 +393,7 @@ def fidelity_metrics(f: dict | None) -> dict:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    from .checkpoint import run_checkpoints
+    from ..core.checkpoint import run_checkpoints
 
     return bool(run_checkpoints(run_dir)) or (run_dir / "checkpoints" / "last.pt").exists()
 
@@ -422,7 +422,7 @@ def _train_and_eval(job: Job, run_dir: Path, status: dict) -> dict:
     import torch
 
     from .evaluation import EvalConfig, run_eval
-    from .recipe import load_recipe_dict
+    from ..core.recipe import load_recipe_dict
     from .training import Trainer
 
     if job.threads:
@@ -462,7 +462,7 @@ def plan(sweep: Sweep) -> list[Job]:
 
     Done runs are skipped, runs whose recipe does not validate (or whose directory holds a
     different recipe) are marked failed, the rest pending."""
-    from .recipe import load_recipe
+    from ..core.recipe import load_recipe
 
     sweep.out.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -696,7 +696,7 @@ def collect(sweep: Sweep) -> list[dict]:
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:
-    from .checkpoint import run_checkpoints
+    from ..core.checkpoint import run_checkpoints
 
     ckpts = run_checkpoints(run_dir)
     return int(ckpts[-1].stem.split("_")[1]) if ckpts else None

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import DataError
+from ..core.errors import DataError
 
 data_app = typer.Typer(
     no_args_is_help=True,
@@ -57,7 +57,7 @@ def render_meshes(
     seed: int = typer.Option(0, "--seed", help="camera seed (combined with each object's id)"),
 ) -> None:
     """Render every mesh of a folder into SRN-layout viewsets (resumable: finished objects are skipped)."""
-    from ..plugins.datasets.meshes import SPLITS, RenderConfig, find_mesh_jobs, render_jobs
+    from ..datatools.meshes import SPLITS, RenderConfig, find_mesh_jobs, render_jobs
 
     if split not in SPLITS:
         raise DataError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -89,8 +89,8 @@ def cars(
 ) -> None:
     """TORCS cars (Debian package torcs-data, fetched not installed) rendered as SRN cars: 17 bodies x
     their liveries, split by body 13/2/2 (train/val/test)."""
-    from ..plugins.datasets.meshes import RenderConfig
-    from ..plugins.datasets.torcs import build_cars
+    from ..datatools.meshes import RenderConfig
+    from ..datatools.torcs import build_cars
 
     stats = build_cars(root, RenderConfig(views=views, size=size, shading=shading), workers=workers)
     per_view = stats["seconds_per_view"]
@@ -120,7 +120,7 @@ def minens(
     """Minens characters wearing skins composed from the minetest character-creator layers (Debian
     package minetest-mod-character-creator), posed at random, in the SRN layout; the skins are
     written to ROOT/skins/{train,val,test} (usable as MinensDataset's `skins: ROOT/skins`)."""
-    from ..plugins.datasets.character_creator import build_minens
+    from ..datatools.character_creator import build_minens
 
     stats = build_minens(root, objects=objects, views=views, size=size, seed=seed, workers=workers)
     _summary(
@@ -139,7 +139,7 @@ def minens(
 @data_app.command("check")
 def check(root: Path = typer.Argument(..., help="SRN or CO3D v2 root to validate")) -> None:
     """Validate an SRN-layout or CO3D v2 folder; lists every bad file and exits with 2 if there is any."""
-    from ..plugins.datasets.check import check_srn
+    from ..datatools.check import check_srn
     from ..plugins.datasets.co3d import check_co3d, is_co3d_root
 
     if is_co3d_root(root):

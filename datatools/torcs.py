@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ...core.errors import DataError
+from ..core.errors import DataError
 from .debian import extract_deb, fetch_deb
 from .meshes import RenderConfig, RenderJob, render_jobs
 

@@ -15,15 +15,15 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core.cameras import Cameras
+from ..core.contracts import Field
+from ..core.engine import ViewsetDiffusion
+from ..core.settings import Settings
 from ..renderers.volume import VolumeRenderer
-from ..representations.base import Field
 from ..representations.hash_grid import density_from_raw, free_hash_encoding
 from ..representations.triplane import mlp
-from .cameras import Cameras
-from .engine import ViewsetDiffusion
 from .export import export_mesh, field_to_mesh
 from .media import save_grid, save_video
-from .settings import Settings
 
 
 class RefineSettings(Settings):
@@ -88,7 +88,7 @@ def target_cameras(model: ViewsetDiffusion, settings: RefineSettings) -> Cameras
     """(1, V) ring cameras over the elevations; each ring is turned by half a step from the last."""
     E = len(settings.elevations)
     per = max(1, settings.views // E)
-    from ..api import Pipeline
+    from .pipeline import Pipeline
 
     pipe = Pipeline(model)
     rings = [pipe.orbit(per, azimuth0=i * 180.0 / (per * E), elevation=e, size=settings.size) for i, e in enumerate(settings.elevations)]

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import VsdError
-from .memory import keep_freed_memory
+from ..apps.memory import keep_freed_memory
+from ..core.errors import VsdError
+from .console import err, out
 
 app = typer.Typer(
     add_completion=False,
@@ -20,8 +20,6 @@ app = typer.Typer(
     help="vsd: Viewset Diffusion, a 3D generative engine trained from posed 2D images.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
-err = Console(stderr=True)
 
 
 @app.command()
@@ -29,7 +27,7 @@ def plugins(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="also show each plugin's class"),
 ) -> None:
     """List every plugin: slot, name, providing distribution and version, and load failures."""
-    from .registry import get_registry
+    from ..core.registry import get_registry
 
     reg = get_registry()
     table = Table(title="vsd plugins")
@@ -54,7 +52,7 @@ def plugins(
 @app.command()
 def recipes() -> None:
     """List the recipes shipped with vsd (usable by bare name)."""
-    from .recipe import SHIPPED_RECIPES, shipped_recipes
+    from ..core.recipe import SHIPPED_RECIPES, shipped_recipes
 
     for name in shipped_recipes():
         first = (SHIPPED_RECIPES / name).read_text().splitlines()[0]
@@ -72,13 +70,13 @@ def recipe(
     quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
 ) -> None:
     """Train a model from a recipe (validated first), writing checkpoints, sample grids and a turntable."""
-    from .recipe import load_recipe
+    from ..core.recipe import load_recipe
 
     r = load_recipe(file, overrides or [])
     if dry_run:
         out.print(r.dump(), end="", markup=False, highlight=False, soft_wrap=True)
         return
-    from .training import Trainer
+    from ..apps.training import Trainer
 
     run_dir = out_dir or Path("runs") / r.name
     trainer = Trainer(r, run_dir, resume=resume, quiet=quiet)
@@ -103,7 +101,7 @@ def sample(
     out_dir: Path = typer.Option(Path("samples"), "--out", help="output folder"),
 ) -> None:
     """Draw samples (unconditional, or conditioned on --input) and write PNG grids and turntables."""
-    from .sampling import load_model, sample_to_files
+    from ..apps.sampling import load_model, sample_to_files
 
     if out_dir.exists() and not out_dir.is_dir():
         raise VsdError(f"--out {out_dir} is a file, not a folder; choose a folder for the samples")
@@ -130,7 +128,7 @@ def _register_command_modules() -> None:
         mod.register(app)
 
 
-COMMAND_MODULES = ("cli_eval", "cli_data", "cli_export", "cli_refine", "cli_sweep", "cli_pack")
+COMMAND_MODULES = ("eval", "data", "export", "refine", "sweep", "pack")
 _register_command_modules()
 
 

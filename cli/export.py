@@ -24,10 +24,10 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Option(Path("meshes"), "--out", help="output folder"),
     ) -> None:
         """Sample objects (unconditional, or conditioned on --input) and write one mesh per sample."""
-        from .cli import out
-        from .errors import VsdError
-        from .export import FORMATS, export_to_files
-        from .sampling import load_model
+        from .console import out
+        from ..core.errors import VsdError
+        from ..apps.export import FORMATS
+        from ..apps.sampling import export_to_files, load_model
 
         fmt = format.lower()
         if fmt not in FORMATS:

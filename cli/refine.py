@@ -33,11 +33,11 @@ def register(app: typer.Typer) -> None:
         """Sample one object, fit a free hash grid to its renders, write a turntable and a mesh."""
         from pydantic import ValidationError
 
-        from .cli import err, out
-        from .errors import VsdError
-        from .export import FORMATS
-        from .refine import RefineSettings, refine_to_files
-        from .sampling import load_model
+        from .console import err, out
+        from ..core.errors import VsdError
+        from ..apps.export import FORMATS
+        from ..apps.refine import RefineSettings, refine_to_files
+        from ..apps.sampling import load_model
 
         if format.lower() not in FORMATS:
             raise VsdError(f"--format: unknown mesh format {format!r}; choose one of {', '.join(FORMATS)}")

@@ -90,7 +90,7 @@ def _even(arr: np.ndarray) -> np.ndarray:
 
 def load_image(path: str | Path, size: int) -> Tensor:
     """An image file -> (3, size, size) in [-1, 1]; transparent pixels over white."""
-    from .errors import DataError
+    from ..core.errors import DataError
 
     try:
         img = Image.open(path)

@@ -30,12 +30,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ...core.errors import DataError
+from ..core.errors import DataError
+from ..plugins.datasets.boxes import render_boxes
+from ..plugins.datasets.minens import Pose, character_boxes, sample_cameras
+from ..plugins.datasets.skins import SKIN_HEIGHT, SKIN_WIDTH, save_skin
 from .debian import extract_deb, fetch_deb
 from .meshes import object_complete
-from .minens import Pose, character_boxes, sample_cameras
-from .boxes import render_boxes
-from .skins import SKIN_HEIGHT, SKIN_WIDTH, save_skin
 
 PACKAGE = "minetest-mod-character-creator"
 MOD_DIR = "usr/share/games/minetest/mods/character_creator"
@@ -202,7 +202,7 @@ class _Character:
 
 def _make_character(c: _Character) -> bool:
     """Compose, save and (unless complete) render one character; True if it was rendered."""
-    from .srn import write_srn_object
+    from ..plugins.datasets.srn import write_srn_object
 
     root, object_id = Path(c.root), f"{c.split}-{c.index:06d}"
     skin = compose(c.textures, list(c.layers))

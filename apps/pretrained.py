@@ -15,15 +15,14 @@ A shipped model is a folder ``pretrained/<name>/`` inside the package holding
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from ..core.errors import DataError
+from ..core.weights import WEIGHTS_FORMAT, load_weights, save_weights  # noqa: F401  (re-exported)
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
-WEIGHTS_FORMAT = "vsd-weights/1"
 
 
 def names(root: Path = PRETRAINED_DIR) -> list[str]:
@@ -41,48 +40,6 @@ def resolve(path_or_name: str | Path, root: Path = PRETRAINED_DIR) -> Path:
         return shipped
     known = ", ".join(names(root)) or "none are shipped in this install"
     raise DataError(f"{path_or_name} is neither a checkpoint file, a run directory nor a shipped model name (shipped: {known})")
-
-
-def save_weights(path: str | Path, state: dict, recipe_yaml: str) -> Path:
-    """Write a checkpoint state's EMA weights and ``recipe_yaml`` as one safetensors file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state["ema"].items()}
-    meta = {
-        "format": WEIGHTS_FORMAT,
-        "recipe": recipe_yaml,
-        "info": json.dumps(state["info"]),
-        "step": str(int(state["step"])),
-    }
-    save_file(tensors, str(path), metadata=meta)
-    return path
-
-
-def load_weights(path: str | Path) -> dict:
-    """A weights file as a checkpoint-like state: ``ema`` and ``model`` (the same weights),
-    ``recipe`` (YAML), ``info``, ``step`` and ``path``. Errors are DataErrors naming the file."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # truncated, or not a safetensors file
-        raise DataError(f"weights file {path} cannot be read as safetensors ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if meta.get("format") != WEIGHTS_FORMAT or "recipe" not in meta or "info" not in meta:
-        raise DataError(f"weights file {path} is not a vsd weights file (expected metadata format {WEIGHTS_FORMAT!r} with recipe and info)")
-    return {
-        "format": WEIGHTS_FORMAT,
-        "ema": tensors,
-        "model": tensors,
-        "recipe": meta["recipe"],
-        "info": json.loads(meta["info"]),
-        "step": int(meta.get("step", 0)),
-        "path": str(path),
-    }
 
 
 def save_heldout(path: str | Path, test_set, train_set, objects: int, views: int, mean_over: int = 256) -> Path:
@@ -107,7 +64,7 @@ def heldout(name: str, root: Path = PRETRAINED_DIR) -> dict:
     ``cameras`` (N, V) :class:`~vsd.core.cameras.Cameras`, ``mean_image`` (3, H, W) in [0, 1]."""
     from safetensors.torch import load_file
 
-    from .cameras import Cameras
+    from ..core.cameras import Cameras
 
     path = root / name / "heldout.safetensors"
     if not path.is_file():
@@ -121,8 +78,8 @@ def heldout(name: str, root: Path = PRETRAINED_DIR) -> dict:
 def pack(checkpoint: str | Path, name: str, root: Path = PRETRAINED_DIR, overrides: list[str] | None = None, objects: int = 8) -> Path:
     """Make ``root/name/`` from a run or checkpoint: weights with the recipe (``overrides``
     applied, e.g. to replace machine-specific data paths) and held-out test viewsets."""
-    from .checkpoint import load_checkpoint, recipe_from_state
-    from .recipe import apply_overrides, load_recipe_dict
+    from ..core.checkpoint import load_checkpoint, recipe_from_state
+    from ..core.recipe import apply_overrides, load_recipe_dict
 
     state = load_checkpoint(checkpoint)
     raw = apply_overrides(recipe_from_state(state), list(overrides or []), f"{state['path']} (embedded recipe)")

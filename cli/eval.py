@@ -31,7 +31,7 @@ def eval_command(
     ambiguous subset (conditional), or a kernel distance (unconditional, --cond-views 0)."""
     from rich.console import Console
 
-    from .evaluation import EvalConfig, markdown_table, run_eval, summary_table
+    from ..apps.evaluation import EvalConfig, markdown_table, run_eval, summary_table
 
     cfg = EvalConfig(split=split, cond_views=cond_views, samples=samples, objects=objects, steps=steps, batch_size=batch_size,
                      seed=seed, guidance=guidance, lpips_weights=str(lpips_weights) if lpips_weights else None)
@@ -51,7 +51,7 @@ def report_command(
     """Write RUN/report.html (self-contained: images embedded) and RUN/report.md."""
     from rich.console import Console
 
-    from .report import write_report
+    from ..apps.report import write_report
 
     files = write_report(run_dir, eval_dirs or None)
     for kind, path in files.items():

@@ -1,4 +1,5 @@
-"""Meshes from any representation's output, written as GLB, PLY or OBJ (``vsd-run export``).
+"""Meshes from any representation's output, written as GLB, PLY or OBJ (``vsd-run export``, via
+:func:`vsd.apps.sampling.export_to_files`).
 
 Fields are meshed by marching cubes on their density grid (PyMCubes), coloured by querying the
 field at the vertices; mesh representations (a list of :class:`Mesh`) convert directly.
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..representations.base import Field, Mesh
+from ..core.contracts import Field, Mesh
 
 FORMATS = ("glb", "ply", "obj")
 
@@ -162,28 +163,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
-
-
-def export_to_files(
-    model,
-    out_dir: str | Path,
-    *,
-    input_image: str | Path | None = None,
-    num_samples: int = 1,
-    format: str = "glb",
-    resolution: int = 64,
-    threshold: float | None = None,
-    min_component_ratio: float = 0.02,
-    seed: int = 0,
-    steps: int | None = None,
-    guidance: float | None = None,
-) -> list[Path]:
-    """Sample ``num_samples`` objects and write one mesh each, ``sample_<i>.<format>``."""
-    if format not in FORMATS:
-        raise ValueError(f"unknown mesh format {format!r}: choose one of {', '.join(FORMATS)}")
-    from .sampling import sample
-
-    result = sample(model, input_image=input_image, num_samples=num_samples, seed=seed, steps=steps, guidance=guidance)
-    meshes = scene_to_meshes(result.scene, resolution, threshold, min_component_ratio)
-    out = Path(out_dir)
-    return [export_mesh(m, out / f"sample_{i}.{format}", format) for i, m in enumerate(meshes)]

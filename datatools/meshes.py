@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ...core.cameras import Cameras, spherical_to_cartesian
-from ...core.errors import DataError
-from ...representations.base import Mesh
+from ..core.cameras import Cameras, spherical_to_cartesian
+from ..core.contracts import Mesh
+from ..core.errors import DataError
 from .ac3d import read_ac3d
 
 TRIMESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".off", ".stl")
@@ -224,7 +224,7 @@ def render_parts(
 ) -> tuple[Tensor, Tensor]:
     """rgb (V, 3, H, W) in [0, 1] over ``background`` and coverage mask (V, 1, H, W) of the parts
     seen by ``cameras`` (V,)."""
-    from ...renderers.rasterizer import MeshRasterizer
+    from ..renderers.rasterizer import MeshRasterizer
 
     rast = MeshRasterizer(MeshRasterizer.Settings(supersample=1, softness=0.0, implementation="torch"))
     s, H, W = supersample, cameras.height, cameras.width
@@ -297,7 +297,7 @@ def object_complete(folder: Path, views: int) -> bool:
 
 def render_job(job: RenderJob, out: str | Path, config: RenderConfig) -> int:
     """Render one object into ``out`` (SRN layout); returns the number of views written."""
-    from .srn import write_srn_object
+    from ..plugins.datasets.srn import write_srn_object
 
     parts = canonicalise(load_parts(job.source, dict(job.textures)), config.up)
     seed = zlib.crc32(f"{config.seed}/{job.object_id}".encode())

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ...core.errors import RecipeError
+from ..core.errors import RecipeError
 from .check import split_folders
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...core.errors import DataError
+from ..core.errors import DataError
 
 
 @dataclass
