@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from vsd.apps.metrics import psnr, ssim
-from vsd.core.recipe import load_recipe
 from vsd.apps.training import Trainer, fixed_batch
+from vsd.core.recipe import load_recipe
 
 
 def mean_training_image(ds, n: int = 256) -> torch.Tensor:

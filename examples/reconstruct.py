@@ -16,8 +16,8 @@ from pathlib import Path
 
 import vsd
 import vsd.api
-from vsd.core.cameras import Cameras
 from vsd.apps.media import save_image
+from vsd.core.cameras import Cameras
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from vsd.core.recipe import load_recipe
 from vsd.apps.training import Trainer
+from vsd.core.recipe import load_recipe
 
 from conftest import TINY
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from vsd.plugins.aggregators.attention import AttentionAggregator
 from vsd.core.contracts import Aggregator
+from vsd.plugins.aggregators.attention import AttentionAggregator
 from vsd.plugins.aggregators.pooling import MaxAggregator, MeanAggregator
 from vsd.plugins.aggregators.weighted import WeightedMeanAggregator
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vsd.core.checkpoint import load_checkpoint
 from vsd.cli.main import main
+from vsd.core.checkpoint import load_checkpoint
 from vsd.core.recipe import SHIPPED_RECIPES, shipped_recipes
 
 from conftest import TINY

@@ -15,9 +15,9 @@ import torch
 from pydantic import ValidationError
 
 from vsd.core.cameras import Cameras
+from vsd.core.contracts import Field, Mesh
 from vsd.core.registry import get_registry
 from vsd.core.settings import Settings
-from vsd.core.contracts import Field, Mesh
 
 REGISTRY = get_registry()
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vsd.core.cameras import Cameras
 from vsd.cli.main import main
+from vsd.core.cameras import Cameras
 from vsd.datatools.ac3d import parse_ac3d
 from vsd.plugins.datasets.srn import SRNDataset, write_srn_object
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vsd.core.checkpoint import run_checkpoints
 from vsd.apps.training import Trainer
+from vsd.core.checkpoint import run_checkpoints
 
 HERE = Path(__file__).parent
 

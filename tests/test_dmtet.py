@@ -12,9 +12,9 @@ import torch
 import trimesh
 
 from vsd.core.cameras import Cameras
+from vsd.core.contracts import Mesh
 from vsd.renderers.rasterizer import MeshRasterizer
 from vsd.representations import marching_tets as mt
-from vsd.core.contracts import Mesh
 from vsd.representations.dmtet import DMTet, sdf_sign_regulariser
 from vsd.representations.grid_sample import sample_features
 from vsd.representations.marching_tets import NUM_TRIANGLES, TRIANGLE_TABLE, kaolin_available, marching_tets

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vsd.core.engine import ViewsetDiffusion
 from vsd.apps.training import Trainer, fixed_batch
+from vsd.core.engine import ViewsetDiffusion
 from vsd.core.viewset import collate_viewsets
 
 

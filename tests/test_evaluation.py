@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from vsd.apps import evaluation as ev
+from vsd.apps.metrics import psnr, ssim
 from vsd.cli.main import main
 from vsd.core.engine import ViewsetDiffusion
 from vsd.core.errors import VsdError
-from vsd.apps.metrics import psnr, ssim
 
 from conftest import TINY
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import trimesh
 
-from vsd.core.checkpoint import load_checkpoint
-from vsd.cli.main import main
 from vsd.apps.export import export_mesh, field_to_mesh, mesh_to_trimesh, scene_to_meshes
+from vsd.cli.main import main
+from vsd.core.checkpoint import load_checkpoint
 from vsd.core.contracts import Mesh
 from vsd.representations.voxel_grid import VoxelField
 

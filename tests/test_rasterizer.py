@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from vsd.core.cameras import Cameras
-from vsd.renderers.rasterizer import MeshRasterizer, barycentrics
 from vsd.core.contracts import Mesh
+from vsd.renderers.rasterizer import MeshRasterizer, barycentrics
 
 # A camera at the origin looking down +z (OpenCV: x right, y down): pixel u = F * x / z + C.
 F_PX, C, S = 16.0, 8.0, 16

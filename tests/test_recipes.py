@@ -8,14 +8,14 @@ import types
 import pytest
 import yaml
 
-from vsd.core import registry as registry_module
 from vsd.cli.main import main
+from vsd.core import registry as registry_module
+from vsd.core.contracts import Representation
 from vsd.core.hookspecs import hookimpl
 from vsd.core.recipe import SHIPPED_RECIPES, load_recipe, shipped_recipes
 from vsd.core.registry import Registry
 from vsd.core.settings import Settings
 from vsd.plugins.aggregators.pooling import MeanAggregator
-from vsd.core.contracts import Representation
 
 
 class NeedsK(MeanAggregator):

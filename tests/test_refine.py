@@ -9,9 +9,9 @@ import pytest
 import torch
 import trimesh
 
-from vsd.cli.main import main
 from vsd.apps.refine import FreeHashField, RefineSettings, refine_scene, target_cameras
 from vsd.apps.sampling import load_model
+from vsd.cli.main import main
 from vsd.representations.voxel_grid import VoxelField
 
 from conftest import TINY

@@ -32,15 +32,15 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
+from vsd.apps.training import Trainer, step_seed
+from vsd.cli.main import main
 from vsd.core import checkpoint as checkpoint_module
 from vsd.core import registry as registry_module
 from vsd.core.checkpoint import FORMAT, load_checkpoint, run_checkpoints
-from vsd.cli.main import main
 from vsd.core.errors import DataError, RecipeError, VsdError
 from vsd.core.hookspecs import hookimpl
 from vsd.core.recipe import SLOT_KEYS, TOP_LEVEL, Recipe, _engine_schemas, load_recipe, load_recipe_dict
 from vsd.core.registry import Registry, get_registry
-from vsd.apps.training import Trainer, step_seed
 
 from conftest import TINY
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vsd.cli.main import main
 from vsd.apps.report import loss_svg, read_log, write_report
+from vsd.cli.main import main
 
 from conftest import TINY
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from vsd.core.cameras import Cameras
+from vsd.core.contracts import Field
 from vsd.renderers import volume
 from vsd.renderers.volume import VolumeRenderer, composite, ray_box_intersect
-from vsd.core.contracts import Field
 
 BOUND = 1.0
 COLOUR = (0.9, 0.3, 0.1)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from vsd.core.cameras import Cameras
-from vsd.renderers.volume import VolumeRenderer
 from vsd.core.contracts import Field
+from vsd.renderers.volume import VolumeRenderer
 from vsd.representations.voxel_grid import VoxelField, VoxelGrid
 
 B, C, D, BOUND = 2, 4, 8, 1.5
