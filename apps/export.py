@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..core.contracts import Field, Mesh
+from ..core.files import temp_beside
 
 FORMATS = ("glb", "ply", "obj")
 
@@ -159,7 +159,7 @@ def export_mesh(scene, path: str | Path, format: str | None = None, *, index: in
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    fd, tmp = temp_beside(path)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)

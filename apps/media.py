@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from ..core.files import temp_beside
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -32,7 +33,7 @@ def grid(images: Tensor, pad: int = 2, pad_value: float = 1.0) -> Tensor:
 
 def _atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     return Path(tmp)
 

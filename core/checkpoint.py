@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -26,12 +25,13 @@ import yaml
 
 from .contracts import SceneInfo
 from .errors import DataError
+from .files import temp_beside
 
 FORMAT = "vsd-checkpoint/1"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path, ".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
