@@ -14,12 +14,19 @@ class RecipeError(VsdError):
 
     exit_code = 2
 
-    def __init__(self, source: str | None, key: str | None, message: str):
-        self.source, self.key, self.detail = source, key, message
-        where = f"recipe {source}" if source else "recipe"
-        if key:
-            where += f", key `{key}`"
+    def __init__(self, source: str | None, key: str | None, message: str, override: str | None = None):
+        self.source, self.key, self.detail, self.override = source, key, message, override
+        if override:  # the bad value came from the command line, not from the file
+            where = f"command-line override `{override}`" + (f" (on recipe {source})" if source else "")
+        else:
+            where = f"recipe {source}" if source else "recipe"
+            if key:
+                where += f", key `{key}`"
         super().__init__(f"{where}: {message}")
+
+    def from_override(self, override: str) -> "RecipeError":
+        """The same error, attributed to the command-line override that set the bad key."""
+        return RecipeError(self.source, self.key, self.detail, override=override)
 
 
 class PluginError(VsdError):

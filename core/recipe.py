@@ -11,6 +11,7 @@ plugins' settings schemas before anything heavy runs.
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -241,7 +242,28 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None, registry: R
     """Find, resolve, override and validate a recipe."""
     path = find_recipe(ref)
     raw = apply_overrides(resolve(path), overrides or [], str(path))
-    return validate(raw, str(path), registry or get_registry())
+    try:
+        return validate(raw, str(path), registry or get_registry())
+    except RecipeError as exc:
+        ov = _override_of(exc.key, overrides or [])
+        raise (exc.from_override(ov) if ov else exc) from None
+
+
+def _override_of(key: str | None, overrides: list[str]) -> str | None:
+    """The last override that set ``key`` (or a section holding it, or a key inside it)."""
+    if not key:
+        return None
+    for ov in reversed(overrides):
+        k = ov.partition("=")[0].strip()
+        if k == key or key.startswith(k + ".") or k.startswith(key + "."):
+            return ov
+    return None
+
+
+def _closest(name: str, choices, prefix: str = "") -> str:
+    """`` (did you mean `prefix.x`?)`` for the nearest valid name, or nothing."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean `{prefix}{close[0]}`?)" if close else ""
 
 
 def load_recipe_dict(raw: dict, source: str = "<recipe>", registry: Registry | None = None) -> Recipe:
@@ -256,7 +278,7 @@ def _fmt_validation(source: str, section: str, exc: ValidationError, schema: typ
     kind = err["type"]
     if kind == "extra_forbidden":
         known = ", ".join(schema.model_fields) or "none"
-        msg = f"unknown key `{loc}`; expected one of: {known}"
+        msg = f"unknown key `{loc}`{_closest(loc.split('.')[0], schema.model_fields, section + '.' if section != '<top level>' else '')}; expected one of: {known}"
     elif kind == "missing":
         msg = f"missing required value ({_describe(schema, loc)})"
     else:
@@ -302,7 +324,7 @@ def _plugin(raw: dict, key: str, source: str, registry: Registry) -> PluginSpec:
 def validate(raw: dict, source: str, registry: Registry) -> Recipe:
     for key in raw:
         if key not in TOP_LEVEL:
-            raise RecipeError(source, str(key), f"unknown section; expected one of: {', '.join(sorted(TOP_LEVEL - {'extends'}))}")
+            raise RecipeError(source, str(key), f"unknown section{_closest(str(key), TOP_LEVEL - {'extends'})}; expected one of: {', '.join(sorted(TOP_LEVEL - {'extends'}))}")
     top = _settings(TopSettings, {k: raw[k] for k in ("name", "seed", "device") if k in raw}, source, "<top level>")
     plugins = {key: _plugin(raw, key, source, registry) for key in SLOT_KEYS}
     engine = {}

@@ -157,13 +157,22 @@ def test_extends_cycle(tmp_path, capsys):
     assert_one_paragraph_naming(err, a, "extends", out)
 
 
-def test_bad_override(tmp_path, capsys):
+def test_bad_override_names_the_command_line_and_suggests_the_key(tmp_path, capsys):
     path = write(tmp_path / "ok.yaml", "extends: voxel_minens.yaml\n")
-    code, out, err = run(capsys, "recipe", str(path), "train.stepz=3", "--dry-run")
-    assert code == 2 and out == ""
-    assert_one_paragraph_naming(err, path, "train.stepz", out)
+    code, out, err = run(capsys, "recipe", str(path), "train.stpes=10", "--dry-run")
+    assert code == 2 and out == "" and "Traceback" not in err and "\n" not in err.strip(), err
+    assert err.startswith("error: command-line override `train.stpes=10` (on recipe "), err
+    assert str(path) in err and "unknown key `stpes` (did you mean `train.steps`?)" in err, err
+    code, out, err = run(capsys, "recipe", str(path), "trian.steps=3", "--dry-run")
+    assert code == 2 and "override `trian.steps=3`" in err and "(did you mean `train`?)" in err, err
     code, out, err = run(capsys, "recipe", str(path), "train.steps=3=4", "--dry-run")
-    assert code == 2 and "key `train.steps`" in err and "'3=4'" in err
+    assert code == 2 and "override `train.steps=3=4`" in err and "'3=4'" in err
+    # no near name: no suggestion; a bad key in the file itself is still the file's
+    code, out, err = run(capsys, "recipe", str(path), "train.zzzzzz=1", "--dry-run")
+    assert code == 2 and "did you mean" not in err
+    bad = write(tmp_path / "bad.yaml", "extends: voxel_minens.yaml\ntrain: {stpes: 3}\n")
+    code, out, err = run(capsys, "recipe", str(bad), "train.steps=3", "--dry-run")
+    assert code == 2 and err.startswith("error: recipe ") and "key `train.stpes`" in err and "command-line" not in err, err
 
 
 def test_malformed_yaml_names_the_line(tmp_path, capsys):
