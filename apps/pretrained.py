@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import DataError
+from ..core.files import save_safetensors
 from ..core.weights import WEIGHTS_FORMAT, load_weights, save_weights  # noqa: F401  (re-exported)
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
@@ -44,7 +45,6 @@ def resolve(path_or_name: str | Path, root: Path = PRETRAINED_DIR) -> Path:
 
 def save_heldout(path: str | Path, test_set, train_set, objects: int, views: int, mean_over: int = 256) -> Path:
     """The first ``objects`` test viewsets (``views`` views each) and the mean training image."""
-    from safetensors.torch import save_file
 
     items = [test_set[i] for i in range(min(objects, len(test_set)))]
     images = torch.stack([it["images"][:views] for it in items])  # (N, V, 3, H, W) in [-1, 1]
@@ -55,7 +55,7 @@ def save_heldout(path: str | Path, test_set, train_set, objects: int, views: int
         "K": torch.stack([it["K"][:views] for it in items]).float(),
         "mean_image": ((train_imgs + 1) / 2).mean(0).float(),
     }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "vsd-heldout/1"})
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, Path(path), metadata={"format": "vsd-heldout/1"})
     return Path(path)
 
 

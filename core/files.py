@@ -27,3 +27,20 @@ def temp_beside(path: Path, suffix: str | None = None) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix if suffix is None else suffix)
     os.fchmod(fd, 0o666 & ~umask())
     return fd, tmp
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> Path:
+    """``safetensors.torch.save_file`` atomically, with the umask's mode (its own is 0600)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = temp_beside(path)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

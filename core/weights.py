@@ -12,14 +12,13 @@ import json
 from pathlib import Path
 
 from .errors import DataError
+from .files import save_safetensors
 
 WEIGHTS_FORMAT = "vsd-weights/1"
 
 
 def save_weights(path: str | Path, state: dict, recipe_yaml: str) -> Path:
     """Write a checkpoint state's EMA weights and ``recipe_yaml`` as one safetensors file."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state["ema"].items()}
@@ -29,7 +28,7 @@ def save_weights(path: str | Path, state: dict, recipe_yaml: str) -> Path:
         "info": json.dumps(state["info"]),
         "step": str(int(state["step"])),
     }
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)
     return path
 
 

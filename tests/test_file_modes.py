@@ -11,7 +11,7 @@ import torch
 
 from vsd.apps.media import save_image, save_video
 from vsd.core.checkpoint import save_checkpoint
-from vsd.core.files import temp_beside, umask
+from vsd.core.files import save_safetensors, temp_beside, umask
 
 
 @pytest.fixture
@@ -38,7 +38,8 @@ def test_written_files_follow_the_umask(tmp_path, mask_022):
     img = save_image(torch.rand(3, 8, 8), tmp_path / "a.png")
     gif = save_video(torch.rand(2, 3, 8, 8), tmp_path / "t.gif")[0]
     ck = save_checkpoint(tmp_path / "ck" / "step.pt", {"step": 1})
-    for p in (img, gif, ck, ck.with_name(ck.name + ".sha256")):
+    st = save_safetensors({"w": torch.ones(2)}, tmp_path / "w.safetensors", metadata={"format": "x"})
+    for p in (img, gif, ck, ck.with_name(ck.name + ".sha256"), st):
         assert mode(p) == 0o644, (p, oct(mode(p)))
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left
 
