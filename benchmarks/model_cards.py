@@ -1,7 +1,7 @@
 """Figures and numbers of the shipped models' cards (README "Pretrained models").
 
-    python benchmarks/model_cards.py [minens-voxel cars-triplane] [--objects 8] [--steps 50]
-        [--test-objects minens-voxel=20 cars-triplane=9]
+    python benchmarks/model_cards.py [minens-voxel cars-voxel] [--objects 8] [--steps 50]
+        [--test-objects minens-voxel=20 cars-voxel=9]
 
 For each model: single-view novel-view PSNR on its shipped held-out viewsets (DDIM, one sample,
 view 0 conditions; the same protocol as tests/test_pretrained.py) against the mean training

@@ -1,7 +1,7 @@
 """Reconstruct 3D objects from one image with the Python API.
 
     python examples/reconstruct.py                      # the shipped minens-voxel model
-    python examples/reconstruct.py cars-triplane        # another shipped model
+    python examples/reconstruct.py cars-voxel        # another shipped model
     python examples/reconstruct.py runs/voxel_minens [image.png] [--out reconstruct_out]
 
 Without an image, a held-out test object is the input (shipped with a shipped model, else from
