@@ -20,8 +20,8 @@ class RecipeError(VsdError):
             where = f"command-line override `{override}`" + (f" (on recipe {source})" if source else "")
         else:
             where = f"recipe {source}" if source else "recipe"
-            if key:
-                where += f", key `{key}`"
+        if key:
+            where += f", key `{key}`"
         super().__init__(f"{where}: {message}")
 
     def from_override(self, override: str) -> "RecipeError":
