@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..core.contracts import Field, Mesh
+from ..core.errors import EmptyMeshError
 from ..core.files import temp_beside
 
 FORMATS = ("glb", "ply", "obj")
@@ -139,11 +140,15 @@ def export_mesh(scene, path: str | Path, format: str | None = None, *, index: in
     if fmt not in FORMATS:
         raise ValueError(f"unknown mesh format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if isinstance(scene, Field):
-        scene = field_to_mesh(scene, index, resolution, threshold)
+        field, scene = scene, field_to_mesh(scene, index, resolution, threshold)
+        if len(scene.faces) == 0:
+            raise EmptyMeshError(no_surface(field, index, resolution, threshold, path))
     elif isinstance(scene, Mesh):
         scene = mesh_to_trimesh(scene)
     elif not isinstance(scene, trimesh.Trimesh):
         raise TypeError(f"cannot export a {type(scene).__name__}: expected a Trimesh, a Mesh or a Field")
+    if len(scene.faces) == 0:
+        raise EmptyMeshError(f"{path}: the mesh to export has no faces; nothing was written")
     if fmt == "ply" and isinstance(scene.visual, trimesh.visual.TextureVisuals):
         scene = scene.copy()
         scene.visual = scene.visual.to_color()
@@ -156,6 +161,17 @@ def export_mesh(scene, path: str | Path, format: str | None = None, *, index: in
     else:
         _write_atomic(path, scene.export(file_type=fmt))
     return path
+
+
+def no_surface(field: Field, index: int, resolution: int, threshold: float | None, path: Path) -> str:
+    """Why a field gave no surface, with the density range found and a threshold to try."""
+    level = default_threshold(field.bound) if threshold is None else threshold
+    grid = field.density_grid(resolution)[index].float()
+    lo, hi = float(grid.min()), float(grid.max())
+    hint = (f"; try --threshold {hi / 2:.3g} (half the largest density), or a checkpoint trained longer" if hi > 0
+            else "; the field is empty everywhere: is the checkpoint trained?")
+    return (f"{path}: no surface at density threshold {level:.3g} — the object's densities range over "
+            f"[{lo:.3g}, {hi:.3g}] (1/world-length, {resolution}^3 grid){hint}; nothing was written")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -8,8 +8,10 @@ from pathlib import Path
 from ..core.checkpoint import info_from_dict, load_checkpoint, recipe_from_state
 from ..core.engine import ViewsetDiffusion
 from ..core.recipe import load_recipe_dict
+from ..core.contracts import Field
 from ..core.distributed import select_device
-from .export import FORMATS, export_mesh, scene_to_meshes
+from ..core.errors import EmptyMeshError
+from .export import FORMATS, export_mesh, no_surface, scene_to_meshes
 
 
 def load_model(checkpoint: str | Path, device: str = "auto", ema: bool = True) -> ViewsetDiffusion:
@@ -73,4 +75,8 @@ def export_to_files(
     result = sample(model, input_image=input_image, num_samples=num_samples, seed=seed, steps=steps, guidance=guidance)
     meshes = scene_to_meshes(result.scene, resolution, threshold, min_component_ratio)
     out = Path(out_dir)
+    for i, m in enumerate(meshes):  # refuse before writing any: an empty mesh is not a result
+        if len(m.faces) == 0:
+            raise EmptyMeshError(no_surface(result.scene, i, resolution, threshold, out / f"sample_{i}.{format}")
+                                 if isinstance(result.scene, Field) else f"{out / f'sample_{i}.{format}'}: the sampled mesh has no faces; nothing was written")
     return [export_mesh(m, out / f"sample_{i}.{format}", format) for i, m in enumerate(meshes)]

@@ -39,3 +39,9 @@ class DataError(VsdError):
     """Data on disk that is missing or malformed: names the file."""
 
     exit_code = 2
+
+
+class EmptyMeshError(VsdError):
+    """An export that would write a mesh without a surface: nothing is written."""
+
+    exit_code = 2

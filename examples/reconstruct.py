@@ -12,12 +12,14 @@ imageio-ffmpeg) and a GLB mesh.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import vsd
 import vsd.api
 from vsd.apps.media import save_image
 from vsd.core.cameras import Cameras
+from vsd.core.errors import EmptyMeshError
 
 
 def main() -> None:
@@ -44,7 +46,11 @@ def main() -> None:
     result = pipe.reconstruct(image, cameras, num_samples=args.samples, steps=args.steps, seed=0)
     print("views:", result.save_views(args.out / "samples.png"))
     print("turntable:", *result.turntable(args.out / "turntable.gif"))
-    print("mesh:", result.export_mesh(args.out / "sample_0.glb"))
+    try:
+        print("mesh:", result.export_mesh(args.out / "sample_0.glb"))
+    except EmptyMeshError as exc:  # e.g. a barely trained model: say so, keep what was written
+        print(f"no mesh: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

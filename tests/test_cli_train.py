@@ -125,13 +125,17 @@ def test_reconstruct_example_writes_a_turntable_and_a_mesh(tmp_path):
     script = Path(__file__).resolve().parent.parent / "examples" / "reconstruct.py"
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, str(script), str(run), "--out", str(out), "--samples", "2", "--steps", "2"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    # a barely trained model has no surface yet: the example says so (exit 2) after writing the rest
+    assert res.returncode in (0, 2), res.stderr[-2000:]
     assert (out / "input.png").is_file() and (out / "samples.png").is_file()
     from PIL import Image
 
     assert Image.open(out / "turntable.gif").n_frames == 2  # TINY: 2 turntable frames
-    mesh = trimesh.load(out / "sample_0.glb", force="mesh")
-    assert isinstance(mesh, trimesh.Trimesh)
+    if res.returncode == 2:
+        assert "no mesh:" in res.stderr and ("no surface at density threshold" in res.stderr or "has no faces" in res.stderr) and "Traceback" not in res.stderr
+        assert not (out / "sample_0.glb").exists()
+    else:
+        assert len(trimesh.load(out / "sample_0.glb", force="mesh").faces) > 0
 
 
 def test_api_reconstruct_generate_render(tmp_path):

@@ -158,3 +158,26 @@ def test_cli_export_writes_one_mesh_per_sample(tiny_run, tmp_path, capsys):
     assert len(trimesh.load(out / "sample_0.obj", force="mesh").faces) > 0
     assert main([*argv, "--format", "stl", "--out", str(out)]) == 1
     assert "unknown mesh format 'stl'" in capsys.readouterr().err
+
+
+def test_a_field_without_surface_is_refused_with_the_density_range(tmp_path):
+    from vsd.apps.export import export_mesh
+    from vsd.core.errors import EmptyMeshError
+    from vsd.representations.voxel_grid import VoxelField
+
+    grid = torch.zeros(1, 4, 8, 8, 8)
+    grid[:, 0] = 0.5  # density 0.5 everywhere: below the default threshold
+    field = VoxelField(grid, bound=0.5)
+    with pytest.raises(EmptyMeshError, match=r"no surface at density threshold 22\.2 .*, 0\.5\].*try --threshold 0\.25") as exc:
+        export_mesh(field, tmp_path / "m.glb")
+    assert exc.value.exit_code == 2 and "m.glb" in str(exc.value)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_export_of_an_empty_surface_exits_2_and_writes_nothing(tiny_run, tmp_path, capsys):
+    out = tmp_path / "meshes"
+    argv = ["export", str(tiny_run), "--num-samples", "1", "--steps", "2", "--resolution", "8", "--threshold", "1e9"]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no surface at density threshold 1e+09" in err and "try --threshold" in err and "Traceback" not in err, err
+    assert not out.exists() or not list(out.iterdir())
