@@ -25,3 +25,10 @@ __all__ = [
     "Aggregator", "Cameras", "Encoder", "Field", "Mesh", "Renderer", "RenderOutput", "Representation",
     "SLOTS", "SPLIT_SEEDS", "SPLITS", "SceneInfo", "ViewsetDataset", "hookimpl",
 ]
+
+
+def warn_moved(old: str, new: str) -> None:
+    """The warning of a deprecated contract path (``old`` re-exports ``new``)."""
+    import warnings
+
+    warnings.warn(f"{old} moved to {new}; this path will be removed in the next release", DeprecationWarning, stacklevel=3)

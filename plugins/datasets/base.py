@@ -4,13 +4,8 @@ Kept so plugins written against the old path keep importing; import from
 ``vsd.core.contracts`` instead.
 """
 
-import warnings
-
 from ...core.contracts.dataset import SPLIT_SEEDS, SPLITS, SceneInfo, ViewsetDataset  # noqa: F401  (re-exported)
+from ...core.contracts import warn_moved
 from ...core.settings import Plugin  # noqa: F401  (re-exported)
 
-warnings.warn(
-    "vsd.plugins.datasets.base moved to vsd.core.contracts.dataset; this path will be removed in the next release",
-    DeprecationWarning,
-    stacklevel=2,
-)
+warn_moved("vsd.plugins.datasets.base", "vsd.core.contracts.dataset")
