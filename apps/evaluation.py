@@ -524,8 +524,13 @@ def _save_features(out: Path, index: int, feats: dict) -> str:
 def evaluate(model, dataset, out_dir: str | Path, cfg: EvalConfig, *, checkpoint: dict | None = None, quiet: bool = False) -> dict:
     """Evaluate ``model`` on ``dataset`` into ``out_dir`` (resuming what is there) and write
     metrics.json, metrics.csv and metrics.md. Returns the contents of metrics.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..core.runlock import RunLock
+
+    with RunLock(out_dir, hint="wait for that evaluation to finish, or choose another --out", quiet=quiet):
+        return _evaluate(model, dataset, Path(out_dir), cfg, checkpoint=checkpoint, quiet=quiet)
+
+
+def _evaluate(model, dataset, out: Path, cfg: EvalConfig, *, checkpoint: dict | None, quiet: bool) -> dict:
     model.eval()
     dev = next(model.parameters()).device
     n_obj = len(dataset) if cfg.objects is None else min(cfg.objects, len(dataset))
@@ -817,17 +822,14 @@ def default_out_dir(checkpoint: Path, split: str, cond_views: int) -> Path:
 
 def run_eval(checkpoint: str | Path, cfg: EvalConfig, out_dir: str | Path | None = None, *, device: str = "auto", quiet: bool = False) -> tuple[dict, Path]:
     """Load a checkpoint (EMA weights), build its recipe's dataset split and evaluate."""
-    from ..core.checkpoint import info_from_dict, load_checkpoint, recipe_from_state
-    from ..core.engine import ViewsetDiffusion
-    from ..core.recipe import load_recipe_dict
+    from ..core.checkpoint import load_checkpoint, model_from_state
     from ..core.distributed import select_device
     from .pretrained import resolve
 
     checkpoint = resolve(checkpoint)
     state = load_checkpoint(checkpoint)
-    recipe = load_recipe_dict(recipe_from_state(state), source=f"{state['path']} (embedded recipe)")
-    model = ViewsetDiffusion(recipe, info_from_dict(state["info"]))
-    model.load_state_dict(state["ema"])
+    model = model_from_state(state)
+    recipe = model.recipe
     model = model.to(select_device(device if device != "auto" else recipe.device)).eval()
     try:
         dataset = recipe.data.build(split=cfg.split)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.checkpoint import info_from_dict, load_checkpoint, recipe_from_state
+from ..core.checkpoint import load_checkpoint, model_from_state
 from ..core.engine import ViewsetDiffusion
-from ..core.recipe import load_recipe_dict
 from ..core.contracts import Field
 from ..core.distributed import select_device
 from ..core.errors import EmptyMeshError
@@ -16,14 +15,13 @@ from .export import FORMATS, export_mesh, no_surface, scene_to_meshes
 
 def load_model(checkpoint: str | Path, device: str = "auto", ema: bool = True) -> ViewsetDiffusion:
     """The model of a checkpoint, run directory, weights file or shipped model name (its EMA
-    weights by default), in eval mode."""
+    weights by default), in eval mode. A file whose recipe, scene geometry or weights do not make
+    a model (wrong shapes, NaN or Inf) is a DataError or RecipeError naming it."""
     from .pretrained import resolve
 
     state = load_checkpoint(resolve(checkpoint))
-    recipe = load_recipe_dict(recipe_from_state(state), source=f"{state['path']} (embedded recipe)")
-    model = ViewsetDiffusion(recipe, info_from_dict(state["info"]))
-    model.load_state_dict(state["ema" if ema else "model"])
-    return model.to(select_device(device if device != "auto" else recipe.device)).eval()
+    model = model_from_state(state, ema=ema)
+    return model.to(select_device(device if device != "auto" else model.recipe.device)).eval()
 
 
 def sample_to_files(

@@ -337,31 +337,28 @@ def update_status(run_dir: str | Path, **fields) -> dict:
 def run_lock(run_dir: Path, blocking: bool = True):
     """Hold a run directory's lock (yields False when ``blocking`` is off and it is taken).
 
-    An advisory ``flock``, dropped by the OS when its holder dies; a no-op where unsupported."""
+    The lock of :mod:`vsd.core.runlock`, dropped by the OS when its holder dies; the trainer
+    inside the worker shares it."""
+    from ..core.errors import RunLockedError
+    from ..core.runlock import RunLock
+
+    lock = RunLock(run_dir, wait=blocking, nested=True, quiet=True)
     try:
-        import fcntl
-    except ImportError:
-        yield True
+        lock.acquire()
+    except RunLockedError:
+        yield False
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def is_active(run_dir: Path) -> bool:
     """Whether a worker holds the run right now."""
-    if not (run_dir / LOCK).exists():
-        return False
-    with run_lock(run_dir, blocking=False) as got:
-        return not got
+    from ..core.runlock import is_locked
+
+    return is_locked(run_dir)
 
 
 # ---- one run (inside a worker) -------------------------------------------------------------

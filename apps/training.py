@@ -25,6 +25,7 @@ from ..core.checkpoint import info_to_dict, load_checkpoint, save_run_checkpoint
 from ..core.engine import ViewsetDiffusion
 from ..core.errors import DataError, RecipeError, VsdError
 from ..core.recipe import Recipe
+from ..core.runlock import RunLock
 from ..core.viewset import Viewset, collate_viewsets
 from .media import save_grid
 from .memory import keep_freed_memory
@@ -165,12 +166,22 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False, quiet: bool = False):
+        self._lock: RunLock | None = None
+        try:
+            self._setup(recipe, out_dir, resume=resume, quiet=quiet)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, recipe: Recipe, out_dir: str | Path, *, resume: bool, quiet: bool) -> None:
         self.recipe, self.out = recipe, Path(out_dir)
         tr = recipe.train
         if tr.threads:
             torch.set_num_threads(tr.threads)
         keep_freed_memory()
         self.dist = distributed.setup(recipe.device)
+        if self.dist.is_main:  # one live writer per run directory, from before any file is read until run() ends
+            self._lock = RunLock(self.out, hint="wait for that run to finish, or choose another --out", quiet=quiet).acquire()
         self.device = self.dist.device
         self.quiet = quiet or not self.dist.is_main
         torch.manual_seed(recipe.seed)
@@ -208,18 +219,27 @@ class Trainer:
     def _resume(self) -> None:
         if not self.ckpt_path.parent.exists():
             raise VsdError(f"--resume was given but {self.out} holds no checkpoints")
-        state = load_checkpoint(self.out, map_location=self.device)
+        from ..core.checkpoint import check_resume_recipe, load_state_checked
+
+        state = load_checkpoint(self.out, map_location=self.device, resume=True)
+        path = state["path"]
+        check_resume_recipe(state, self.recipe, self.out)
+        against = f"the model of recipe {self.recipe.source}"
+        load_state_checked(self.model, state["model"], path, "`model` weights", against)
+        load_state_checked(self.ema.model, state["ema"], path, "`ema` weights", against)
         try:
-            self.model.load_state_dict(state["model"])
-            self.ema.model.load_state_dict(state["ema"])
             self.opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            moments = [(p, k, v) for p, s in self.opt.state.items() for k, v in s.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+            wrong = [f"{k} {tuple(v.shape)} for a parameter of {tuple(p.shape)}" for p, k, v in moments if v.shape != p.shape]
+            if wrong:
+                raise ValueError(f"{len(wrong)} optimiser state tensor(s) of the wrong shape, e.g. {wrong[0]}")
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise DataError(
-                f"checkpoint {state['path']} does not fit this recipe ({first}); resume with the recipe the run "
-                f"was trained with ({self.out / 'recipe.yaml'}), changing only train.* settings"
+                f"checkpoint {path}: its `optimizer` state does not fit the model of recipe {self.recipe.source} ({first}); "
+                f"the run cannot be resumed from it"
             ) from None
-        self.step = int(state["step"])
+        self.step = state["step"]
 
     def state(self) -> dict:
         return {
@@ -329,7 +349,19 @@ class Trainer:
             lambda: write_samples(self.ema.model, batch, self.out / "samples", f"step_{self.step:06d}", steps=steps, seed=self.recipe.seed, turntable=final)
         )
 
+    def close(self) -> None:
+        """Let go of the run directory; run() does so when it ends, however it ends."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def run(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         tr = self.recipe.train
         stop = _StopRequest()
         with stop, _RunLog(self, tr) as log, _Progress(tr.steps, self.step, self.quiet) as bar:

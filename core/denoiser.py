@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 from pydantic import Field, model_validator
@@ -32,8 +32,8 @@ class ModelSettings(Settings):
 
     volume_size: int = Field(16, ge=1, description="Side D of the feature volume (D^3 voxels).")
     base_channels: int = Field(16, ge=1, description="Channels of the 3D U-Net at its finest level.")
-    channel_mult: tuple[int, ...] = Field(
-        (1, 2, 4), min_length=1, description="Per-level channel multipliers; each level halves the side."
+    channel_mult: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        (1, 2, 4), min_length=1, max_length=16, description="Per-level channel multipliers; each level halves the side."
     )
     num_res_blocks: int = Field(1, ge=1, description="ResNet blocks per U-Net level (encoder and decoder).")
     attention_levels: tuple[int, ...] = Field(

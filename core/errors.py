@@ -45,3 +45,28 @@ class EmptyMeshError(VsdError):
     """An export that would write a mesh without a surface: nothing is written."""
 
     exit_code = 2
+
+
+class RunLockedError(VsdError):
+    """A run or output folder that another live process is writing to: names the folder, the
+    process holding it and since when, and what to do."""
+
+    exit_code = 2
+
+
+def short(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (with "…" and the full length) when longer:
+    messages quote user values, and a user value may be megabytes long."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an integer too long to print
+        return f"<{type(value).__name__} that cannot be shown>"
+    return clip(text, limit)
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` itself, or its first ``limit`` characters, "…" and its length."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
-from .errors import PluginError, RecipeError
+from .errors import PluginError, RecipeError, clip, short
 from .registry import Registry, get_registry
+from .safe_yaml import YamlRefused, parse_yaml, read_yaml_file
 from .settings import Settings
 
 # recipe key -> registry slot
@@ -57,6 +59,8 @@ class TrainSettings(Settings):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate of the cosine schedule, as a fraction of lr")
     cond_probs: list[float] = Field(
         [0.2, 0.5, 0.3],
+        min_length=1,
+        max_length=1024,
         description="probability of 0, 1, 2, ... clean conditioning views in a training viewset",
     )
     deterministic: bool = Field(
@@ -75,18 +79,32 @@ class TrainSettings(Settings):
     max_skipped_steps: int = Field(10, ge=0, description="stop after this many non-finite steps in a row")
     keep_checkpoints: int = Field(3, ge=1, description="newest step checkpoints kept in checkpoints/")
     max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this much wall time, even before train.steps")
-    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+    num_workers: int = Field(0, ge=0, le=256, description="data-loader worker processes")
+    threads: int | None = Field(None, ge=1, le=4096, description="torch CPU threads (null: torch's default)")
     log_every: int = Field(10, ge=1, description="steps between progress/log lines")
     sample_every: int = Field(250, ge=1, description="steps between sample grids")
     checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
+    memory_limit_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory (GiB) one training or sampling step may be estimated to need before the recipe is refused "
+        "(null: the machine's physical memory, or the GPU's for device cuda)",
+    )
+
+    @field_validator("cond_probs")
+    @classmethod
+    def _probabilities(cls, v: list[float]) -> list[float]:
+        bad = [p for p in v if not 0.0 <= p <= 1.0]
+        if bad:
+            raise ValueError(f"each probability must lie in [0, 1], got {short(bad[0])}")
+        return v
 
 
 class SampleSettings(Settings):
     num_samples: int = Field(4, ge=1, description="samples drawn per input")
     cond_views: int = Field(1, ge=0, description="clean conditioning views when sampling from the dataset")
     turntable_frames: int = Field(24, ge=2, description="frames in a turntable")
-    turntable_elevation: float = Field(20.0, description="camera elevation of turntables, degrees")
+    turntable_elevation: float = Field(20.0, gt=-90, lt=90, description="camera elevation of turntables, degrees")
     render_size: int | None = Field(None, ge=8, description="pixel size of turntable frames (null: the data's)")
 
 
@@ -95,8 +113,13 @@ TOP_LEVEL = {"extends", "name", "seed", "device", *SLOT_KEYS, *ENGINE_SECTIONS}
 
 
 class TopSettings(Settings):
-    name: str | None = None
-    seed: int = 0
+    name: str | None = Field(
+        None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the run's name (runs/<name>): letters, digits, '.', '_' and '-', not starting with '.' or '-'",
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="random seed, 0 <= seed < 2**63")
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
 
 
@@ -161,15 +184,7 @@ def shipped_recipes() -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(str(path), None, f"malformed YAML{where}: {problem}") from None
-    except OSError as exc:
-        raise RecipeError(str(path), None, f"cannot be read: {exc.strerror}") from None
+    data = read_yaml_file(path, what="recipe", error=RecipeError)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -191,46 +206,76 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+MAX_EXTENDS = 32  # recipes in one extends chain
+
+
 def resolve(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     """The recipe at ``path`` with its ``extends`` chain merged in."""
     path = path.resolve()
     if path in _seen:
         raise RecipeError(str(path), "extends", "recipes extend each other in a cycle: " + " -> ".join(map(str, _seen + (path,))))
+    if len(_seen) >= MAX_EXTENDS:
+        raise RecipeError(str(_seen[0]), "extends", f"the extends chain is more than {MAX_EXTENDS} recipes long (at {path})")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
-        raise RecipeError(str(path), "extends", f"expected a recipe path or name, got {parent!r}")
-    cand = path.parent / parent
+        raise RecipeError(str(path), "extends", f"expected a recipe path or name, got {short(parent)}")
     try:
+        cand = path.parent / parent
         base_path = cand if cand.is_file() else find_recipe(parent)
     except RecipeError as exc:
-        raise RecipeError(str(path), "extends", f"{parent!r}: {exc.detail}") from None
+        raise RecipeError(str(path), "extends", f"{short(parent)}: {exc.detail}") from None
+    except (OSError, ValueError) as exc:  # e.g. a name too long for the file system, or a NUL
+        raise RecipeError(str(path), "extends", f"{short(parent)} cannot be a recipe path ({type(exc).__name__})") from None
     base = resolve(base_path, _seen + (path,))
     base.pop("name", None)  # a recipe's run is named after itself, not after the recipe it extends
     return deep_merge(base, data)
 
 
+MAX_KEY_CHARS = 200  # of an override's key path
+
+
+def shown_override(override: str) -> str:
+    """An override as quoted in a message: cut short, and only printable text."""
+    return clip(override.encode("utf-8", "backslashreplace").decode("utf-8"), 120)
+
+
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML)."""
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML, within the safe reader's limits;
+    text that is not valid YAML is taken as a string)."""
     out = copy.deepcopy(data)
     for ov in overrides:
         key, sep, text = ov.partition("=")
+        shown = shown_override(ov)
         if not sep or not key.strip():
-            raise RecipeError(source, ov, "expected an override of the form key.path=value")
+            raise RecipeError(source, None, "expected an override of the form key.path=value", override=shown)
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            ov.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes on the command line
+            raise RecipeError(source, None, "is not UTF-8 text", override=shown) from None
+        key = key.strip()
+        if len(key) > MAX_KEY_CHARS:
+            raise RecipeError(source, None, f"the key path is {len(key):,} characters long; keys are at most {MAX_KEY_CHARS}", override=shown)
+        parts = key.split(".")
+        if not all(parts):
+            raise RecipeError(source, clip(key), "expected dot-separated key names, e.g. train.steps=100", override=shown)
+        try:
+            value = parse_yaml(text) if text.strip() else None
+        except YamlRefused as exc:
+            raise RecipeError(source, key, f"the value {exc}", override=shown) from None
         except yaml.YAMLError:
             value = text
-        parts = key.strip().split(".")
+        except RecursionError:
+            raise RecipeError(source, key, "the value nests too deeply to be read", override=shown) from None
         node = out
         for i, part in enumerate(parts[:-1]):
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise RecipeError(source, ".".join(parts[: i + 1]), f"is {nxt!r}, not a section, so `{key}` cannot be set")
+                raise RecipeError(source, ".".join(parts[: i + 1]), f"is {short(nxt)}, not a section, so `{key}` cannot be set", override=shown)
             node = nxt
         if parts[-1] == "type" and node.get("type") != value and len(parts) == 2:
             node.clear()  # switching plugin: the old plugin's settings do not apply
@@ -245,17 +290,23 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None, registry: R
     try:
         return validate(raw, str(path), registry or get_registry())
     except RecipeError as exc:
-        ov = _override_of(exc.key, overrides or [])
-        raise (exc.from_override(ov) if ov else exc) from None
+        ov = _override_of(exc.key, overrides or [], exc.detail)
+        raise (exc.from_override(shown_override(ov)) if ov else exc) from None
 
 
-def _override_of(key: str | None, overrides: list[str]) -> str | None:
-    """The last override that set ``key`` (or a section holding it, or a key inside it)."""
+def _override_of(key: str | None, overrides: list[str], detail: str = "") -> str | None:
+    """The last override that set ``key`` (or a section holding it, or a key inside it), else
+    the last that set the other value a value was checked against (``must exceed data.near (2.0)``)."""
     if not key:
         return None
+    key = key.removeprefix("<top level>.")
     for ov in reversed(overrides):
         k = ov.partition("=")[0].strip()
         if k == key or key.startswith(k + ".") or k.startswith(key + "."):
+            return ov
+    for ov in reversed(overrides):
+        k = ov.partition("=")[0].strip()
+        if "." in k and re.search(r"(?<![\w.`])" + re.escape(k) + r" \(", detail):
             return ov
     return None
 
@@ -266,14 +317,19 @@ def _closest(name: str, choices, prefix: str = "") -> str:
     return f" (did you mean `{prefix}{close[0]}`?)" if close else ""
 
 
-def load_recipe_dict(raw: dict, source: str = "<recipe>", registry: Registry | None = None) -> Recipe:
-    return validate(copy.deepcopy(raw), source, registry or get_registry())
+def load_recipe_dict(
+    raw: dict, source: str = "<recipe>", registry: Registry | None = None, *, budget: Literal["train", "sample"] | None = "train"
+) -> Recipe:
+    """Validate a recipe mapping (e.g. one embedded in a checkpoint). ``budget`` is what its
+    memory is checked for: ``"train"`` (a training step and sampling), ``"sample"`` (sampling
+    only: a model trained elsewhere may sample on a smaller machine) or None (not checked)."""
+    return validate(copy.deepcopy(raw), source, registry or get_registry(), budget=budget)
 
 
 # ---- validation ----------------------------------------------------------------------------
 def _fmt_validation(source: str, section: str, exc: ValidationError, schema: type[Settings]) -> RecipeError:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = clip(".".join(str(p) for p in err["loc"]))
     key = f"{section}.{loc}" if loc else section
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -282,7 +338,9 @@ def _fmt_validation(source: str, section: str, exc: ValidationError, schema: typ
     elif kind == "missing":
         msg = f"missing required value ({_describe(schema, loc)})"
     else:
-        msg = f"{err['msg'].rstrip('.')}; got {err.get('input')!r}"
+        msg = clip(err["msg"].removeprefix("Value error, ").rstrip("."), 240)
+        if " got " not in msg:  # a validator's own message may say what it got
+            msg += f"; got {short(err.get('input'))}"
         desc = _describe(schema, loc)
         if desc:
             msg += f" ({desc})"
@@ -309,29 +367,31 @@ def _plugin(raw: dict, key: str, source: str, registry: Registry) -> PluginSpec:
     if block is None:
         raise RecipeError(source, key, f"missing section; expected `{key}: {{type: <name>, ...settings}}` with a {SLOT_KEYS[key]} from: {registry.available(SLOT_KEYS[key])}")
     if not isinstance(block, dict):
-        raise RecipeError(source, key, f"expected a mapping with a `type`, got {block!r}")
+        raise RecipeError(source, key, f"expected a mapping with a `type`, got {short(block)}")
     name = block.get("type")
     if not isinstance(name, str):
-        raise RecipeError(source, f"{key}.type", f"missing or not a name (got {name!r}); available: {registry.available(SLOT_KEYS[key])}")
+        raise RecipeError(source, f"{key}.type", f"missing or not a name (got {short(name)}); available: {registry.available(SLOT_KEYS[key])}")
     try:
         info = registry.get(SLOT_KEYS[key], name)
     except PluginError as exc:
-        raise RecipeError(source, f"{key}.type", str(exc)) from None
+        raise RecipeError(source, f"{key}.type", clip(str(exc), 400)) from None
     settings = _settings(info.cls.Settings, {k: v for k, v in block.items() if k != "type"}, source, key)
     return PluginSpec(name, info.cls, settings, info.provider)
 
 
-def validate(raw: dict, source: str, registry: Registry) -> Recipe:
+def validate(raw: dict, source: str, registry: Registry, *, budget: Literal["train", "sample"] | None = "train") -> Recipe:
+    """A :class:`Recipe` from a resolved mapping, or a RecipeError naming the first bad key;
+    last, the estimated memory of ``budget`` (see :func:`vsd.core.budget.check_budget`)."""
     for key in raw:
         if key not in TOP_LEVEL:
-            raise RecipeError(source, str(key), f"unknown section{_closest(str(key), TOP_LEVEL - {'extends'})}; expected one of: {', '.join(sorted(TOP_LEVEL - {'extends'}))}")
+            raise RecipeError(source, clip(str(key)), f"unknown section{_closest(clip(str(key)), TOP_LEVEL - {'extends'})}; expected one of: {', '.join(sorted(TOP_LEVEL - {'extends'}))}")
     top = _settings(TopSettings, {k: raw[k] for k in ("name", "seed", "device") if k in raw}, source, "<top level>")
     plugins = {key: _plugin(raw, key, source, registry) for key in SLOT_KEYS}
     engine = {}
     for sec, schema in _engine_schemas().items():
         block = raw.get(sec) or {}
         if not isinstance(block, dict):
-            raise RecipeError(source, sec, f"expected a mapping of settings, got {block!r}")
+            raise RecipeError(source, sec, f"expected a mapping of settings, got {short(block)}")
         engine[sec] = _settings(schema, block, source, sec)
     rep, ren = plugins["representation"], plugins["renderer"]
     if rep.cls.kind not in ren.cls.accepts:
@@ -344,7 +404,14 @@ def validate(raw: dict, source: str, registry: Registry) -> Recipe:
         )
     _check_cross(raw, source, plugins, engine)
     name = top.name or Path(source).stem
-    return Recipe(source, raw, name, top.seed, top.device, **plugins, **engine)
+    if name in ("", ".", ".."):  # a file named e.g. "...yaml" gives no run folder of its own
+        name = "recipe"
+    recipe = Recipe(source, raw, name, top.seed, top.device, **plugins, **engine)
+    if budget is not None:
+        from .budget import check_budget
+
+        check_budget(recipe, sampling_only=budget == "sample")
+    return recipe
 
 
 def _check_cross(raw: dict, source: str, plugins: dict, engine: dict) -> None:
@@ -359,7 +426,19 @@ def _check_cross(raw: dict, source: str, plugins: dict, engine: dict) -> None:
             f"gives probabilities for up to {len(train.cond_probs) - 1} clean views, but viewsets have only "
             f"{views - train.heldout_views} views (data.views - train.heldout_views) and at least one must be noisy",
         )
+    heads = getattr(plugins["aggregator"].settings, "heads", None)
+    if isinstance(heads, int) and heads > 1:
+        model = engine["model"]
+        widths = sorted({model.base_channels * m for m in model.channel_mult})
+        bad = [w for w in widths if w % heads]
+        if bad:
+            raise RecipeError(
+                source,
+                "aggregator.heads",
+                f"must divide the channels of every U-Net level (model.base_channels x model.channel_mult: "
+                f"{', '.join(map(str, widths[:8]))}); {heads} does not divide {bad[0]}",
+            )
     if train.batch_size % train.grad_accum:
         raise RecipeError(source, "train.grad_accum", f"must divide train.batch_size ({train.batch_size}); got {train.grad_accum}")
-    if abs(sum(train.cond_probs) - 1) > 1e-6 or min(train.cond_probs, default=0) < 0:
-        raise RecipeError(source, "train.cond_probs", f"expected non-negative probabilities summing to 1, got {train.cond_probs}")
+    if not abs(sum(train.cond_probs) - 1) <= 1e-6 or not min(train.cond_probs, default=0) >= 0:
+        raise RecipeError(source, "train.cond_probs", f"expected non-negative probabilities summing to 1, got {short(train.cond_probs)}")

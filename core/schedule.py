@@ -330,7 +330,7 @@ class DiffusionSettings(Settings):
     schedule: Literal["cosine", "linear"] = Field(
         "cosine", description="Noise schedule: cosine (Nichol & Dhariwal) or linear betas."
     )
-    timesteps: int = Field(1000, gt=0, description="Number of training timesteps T.")
+    timesteps: int = Field(1000, gt=0, le=1_000_000, description="Number of training timesteps T.")
     min_snr_gamma: float | None = Field(
         5.0, gt=0, description="Min-SNR loss weight cap gamma; null for uniform weights."
     )

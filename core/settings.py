@@ -6,9 +6,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Settings(BaseModel):
-    """Base of every settings schema: unknown keys are errors, values are checked strictly."""
+    """Base of every settings schema: unknown keys are errors, values are checked strictly, and
+    every float must be finite (NaN and infinities are refused wherever a float is expected)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Plugin:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, short
 from .files import save_safetensors
 
 WEIGHTS_FORMAT = "vsd-weights/1"
@@ -34,8 +34,11 @@ def save_weights(path: str | Path, state: dict, recipe_yaml: str) -> Path:
 
 def load_weights(path: str | Path) -> dict:
     """A weights file as a checkpoint-like state: ``ema`` and ``model`` (the same weights),
-    ``recipe`` (YAML), ``info``, ``step`` and ``path``. Errors are DataErrors naming the file."""
+    ``recipe`` (YAML), ``info``, ``step`` and ``path``. The metadata and the weights are checked
+    as a checkpoint's are; errors are DataErrors naming the file and the metadata key."""
     from safetensors import safe_open
+
+    from .state_checks import _recipe_yaml, check_info, check_state, describe
 
     path = Path(path)
     try:
@@ -44,14 +47,30 @@ def load_weights(path: str | Path) -> dict:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # truncated, or not a safetensors file
         raise DataError(f"weights file {path} cannot be read as safetensors ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if meta.get("format") != WEIGHTS_FORMAT or "recipe" not in meta or "info" not in meta:
-        raise DataError(f"weights file {path} is not a vsd weights file (expected metadata format {WEIGHTS_FORMAT!r} with recipe and info)")
-    return {
+    if meta.get("format") != WEIGHTS_FORMAT:
+        raise DataError(f"weights file {path} is not a vsd weights file (expected metadata format {WEIGHTS_FORMAT!r} with recipe, info and step)")
+    where = describe(path)
+    missing = [k for k in ("recipe", "info", "step") if k not in meta]
+    if missing:
+        raise DataError(f"{where} lacks metadata {', '.join(f'`{k}`' for k in missing)} (a vsd weights file holds recipe, info and step); the file is refused")
+    _recipe_yaml(meta["recipe"], path, "metadata `recipe`")
+    try:
+        info = json.loads(meta["info"])
+    except (ValueError, TypeError, RecursionError) as exc:
+        why = f"{exc.msg} at character {exc.pos}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise DataError(f"{where}: metadata `info` is not JSON ({why}): {short(meta['info'])}; the file is refused") from None
+    check_info(info, where, "metadata `info`")
+    step = meta["step"]
+    if not (isinstance(step, str) and step.isascii() and step.isdigit()):
+        raise DataError(f"{where}: metadata `step` is {short(step)}, not a non-negative integer; the file is refused")
+    state = {
         "format": WEIGHTS_FORMAT,
         "ema": tensors,
         "model": tensors,
         "recipe": meta["recipe"],
-        "info": json.loads(meta["info"]),
-        "step": int(meta.get("step", 0)),
+        "info": info,
+        "step": int(step),
         "path": str(path),
     }
+    check_state(state, path)
+    return state

@@ -18,6 +18,7 @@ import warnings
 from typing import Literal
 
 import torch
+from pydantic import ValidationInfo, field_validator
 from torch import Tensor
 
 from ..core.cameras import Cameras
@@ -207,6 +208,37 @@ class VolumeRenderer(Renderer):
         far: float | None = None
         chunk_rays: int = 65536  # rays rendered at once, over the whole batch
         implementation: Literal["auto", "torch", "nerfacc"] = "auto"
+
+        @field_validator("samples", "chunk_rays")
+        @classmethod
+        def _positive(cls, v: int) -> int:
+            if v < 1:
+                raise ValueError(f"must be >= 1, got {v}")
+            return v
+
+        @field_validator("importance_samples")
+        @classmethod
+        def _non_negative(cls, v: int) -> int:
+            if v < 0:
+                raise ValueError(f"must be >= 0, got {v}")
+            return v
+
+        @field_validator("near")
+        @classmethod
+        def _near(cls, v: float | None) -> float | None:
+            if v is not None and v < 0:
+                raise ValueError(f"must be >= 0 (or null), got {v}")
+            return v
+
+        @field_validator("far")
+        @classmethod
+        def _far(cls, v: float | None, info: ValidationInfo) -> float | None:
+            if v is None:
+                return v
+            near = info.data.get("near")
+            if not v > (near or 0.0):
+                raise ValueError(f"must be > 0 and exceed renderer.near ({near}), got {v}" if near else f"must be > 0 (or null), got {v}")
+            return v
 
     def __init__(self, settings: Settings):
         super().__init__(settings)

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
@@ -349,6 +350,42 @@ class HashGrid(Representation):
         density_scale: float = 1.0
         density_bias: float = -3.0  # initial bias of the density output: mostly transparent, not 0
         implementation: Literal["auto", "torch", "tcnn"] = "auto"  # tcnn serves only refinement
+
+        @field_validator("levels", "features_per_level", "min_resolution", "hidden")
+        @classmethod
+        def _positive(cls, v: int, info: ValidationInfo) -> int:
+            if v < 1:
+                raise ValueError(f"need {info.field_name} >= 1, got {v}")
+            return v
+
+        @field_validator("layers")
+        @classmethod
+        def _non_negative(cls, v: int, info: ValidationInfo) -> int:
+            if v < 0:
+                raise ValueError(f"need {info.field_name} >= 0, got {v}")
+            return v
+
+        @field_validator("log2_table_size")
+        @classmethod
+        def _table_size(cls, v: int) -> int:
+            if not 1 <= v <= 32:
+                raise ValueError(f"need 1 <= log2_table_size <= 32, got {v}")
+            return v
+
+        @field_validator("max_resolution")
+        @classmethod
+        def _finest(cls, v: int, info: ValidationInfo) -> int:
+            lo = info.data.get("min_resolution")
+            if lo is not None and v < lo:
+                raise ValueError(f"need min_resolution <= max_resolution, got {v}, below representation.min_resolution ({lo})")
+            return v
+
+        @field_validator("density_scale")
+        @classmethod
+        def _positive_scale(cls, v: float) -> float:
+            if not v > 0:
+                raise ValueError(f"need density_scale > 0, got {v}")
+            return v
 
     def __init__(self, settings: Settings, *, in_channels: int, resolution: int, bound: float):
         super().__init__(settings, in_channels=in_channels, resolution=resolution, bound=bound)

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationInfo, field_validator
 from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
@@ -74,6 +75,20 @@ class VoxelGrid(Representation):
         density_activation: Literal["softplus", "exp"] = "softplus"
         density_scale: float = 1.0
         density_bias: float = -3.0  # initial bias of the density head: mostly transparent, not 0
+
+        @field_validator("hidden_channels")
+        @classmethod
+        def _non_negative(cls, v: int, info: ValidationInfo) -> int:
+            if v < 0:
+                raise ValueError(f"need {info.field_name} >= 0, got {v}")
+            return v
+
+        @field_validator("density_scale")
+        @classmethod
+        def _positive_scale(cls, v: float) -> float:
+            if not v > 0:
+                raise ValueError(f"need density_scale > 0, got {v}")
+            return v
 
     def __init__(self, settings: Settings, *, in_channels: int, resolution: int, bound: float):
         super().__init__(settings, in_channels=in_channels, resolution=resolution, bound=bound)

@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import field_validator
 from torch import Tensor
 
@@ -297,9 +297,21 @@ def read_rgb(path: Path) -> Tensor:
     try:
         with Image.open(path) as im:
             pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as e:
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... on corrupt files
         raise DataError(f"{path}: cannot read image ({e})") from None
     return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def image_size_problem(size_hw: tuple[int, int], annotated_hw: tuple[int, int]) -> str | None:
+    """What is wrong with an image of ``size_hw`` whose annotation says ``annotated_hw``, or None.
+
+    The annotated size, or a copy resized keeping the aspect ratio (to within a pixel's
+    rounding), is fine: the intrinsics are scaled with it. Checked by the reader and by
+    :func:`check_co3d` alike."""
+    (h, w), (H, W) = size_hw, annotated_hw
+    if (h, w) == (H, W) or abs(h * W - w * H) <= H + W:
+        return None
+    return f"size {h} x {w} but the annotation says {H} x {W} (a resized copy must keep the aspect ratio)"
 
 
 def read_mask(path: Path, size_hw: tuple[int, int]) -> Tensor:
@@ -309,7 +321,7 @@ def read_mask(path: Path, size_hw: tuple[int, int]) -> Tensor:
     try:
         with Image.open(path) as im:
             pixels = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as e:
+    except Exception as e:  # as in read_rgb
         raise DataError(f"{path}: cannot read mask ({e})") from None
     mask = torch.from_numpy(pixels)[None]
     if mask.shape[-2:] != size_hw:
@@ -428,6 +440,13 @@ class CO3DDataset(ViewsetDataset):
                 raise ValueError(f"must be > 0, got {v}")
             return v
 
+        @field_validator("seed")
+        @classmethod
+        def _seed(cls, v: int) -> int:
+            if not 0 <= v < 2**63:
+                raise ValueError("must satisfy 0 <= seed < 2**63")
+            return v
+
     def __init__(self, settings: "CO3DDataset.Settings", *, split: str = "train"):
         super().__init__(settings, split=split)
         s = settings
@@ -528,8 +547,12 @@ class CO3DDataset(ViewsetDataset):
         pixels, c2ws, Ks = [], [], []
         for frame in chosen:
             c2w, K = frame.cameras()
-            rgb = read_rgb(self.layout.resolve(frame.image))
+            image_path = self.layout.resolve(frame.image)
+            rgb = read_rgb(image_path)
             H, W = rgb.shape[-2:]
+            problem = image_size_problem((H, W), frame.size_hw)
+            if problem:
+                raise DataError(f"{image_path}: {problem}")
             if (H, W) != frame.size_hw:  # a resized copy of the release: scale K with it
                 K = K * torch.tensor([W / frame.size_hw[1], H / frame.size_hw[0]] * 2, dtype=K.dtype)
             if frame.mask is None:
@@ -724,9 +747,10 @@ def _check_frame(layout: _Layout, frame: Frame) -> list[str]:
         try:
             with Image.open(image) as im:
                 W, H = im.size
-            if (H, W) != frame.size_hw:
-                problems.append(f"{image}: size {H} x {W} but the annotation says {frame.size_hw[0]} x {frame.size_hw[1]}")
-        except (OSError, UnidentifiedImageError) as e:
+            problem = image_size_problem((H, W), frame.size_hw)
+            if problem:
+                problems.append(f"{image}: {problem}")
+        except Exception as e:  # as in read_rgb
             problems.append(f"{image}: cannot read image ({e})")
     if frame.mask is None:
         problems.append(f"{layout.category / 'frame_annotations.jgz'}: no mask path {where}")

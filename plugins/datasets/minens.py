@@ -161,6 +161,27 @@ class MinensDataset(ViewsetDataset):
                 raise ValueError(f"must be >= 1, got {v}")
             return v
 
+        @field_validator("num_objects")
+        @classmethod
+        def _object_count(cls, v: int | None) -> int | None:
+            if v is not None and not 1 <= v <= 2**40:
+                raise ValueError(f"must be >= 1 and <= 2**40 (or null), got {v}")
+            return v
+
+        @field_validator("seed")
+        @classmethod
+        def _seed(cls, v: int) -> int:
+            if not 0 <= v < 2**63:
+                raise ValueError("must satisfy 0 <= seed < 2**63")
+            return v
+
+        @field_validator("shading")
+        @classmethod
+        def _shading(cls, v: float) -> float:
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"must lie in [0, 1], got {v}")
+            return v
+
         @model_validator(mode="after")
         def _check(self):
             lo, hi = self.elevation

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import field_validator
+from pydantic import ValidationInfo, field_validator
 from torch import Tensor
 
 from ...core.errors import DataError
 from ...core.settings import Settings as BaseSettings
 from ...core.contracts import SceneInfo, ViewsetDataset
+from .srn_checks import check_image_size, read_intrinsics_file, read_pose_file, unreadable_image, view_files
 
 SRN_TEST_SOURCE_VIEW = 64  # the conditioning view of every test object in the published protocol
 _BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
@@ -74,52 +75,17 @@ def write_srn_object(
 
 
 # ---- reading single files -----------------------------------------------------------------------
-def _numbers(path: Path, text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split()]
-    except ValueError as e:
-        raise DataError(f"{path}: expected whitespace-separated numbers ({e})") from None
-
-
+# Every file is checked as it is read, by the checks `vsd-run data check` runs (srn_checks.py):
+# a file that check rejects fails here with the same message.
 def read_pose(path: Path) -> Tensor:
-    """(4, 4) camera-to-world matrix from an SRN pose file (16 numbers, row-major)."""
-    try:
-        values = _numbers(path, path.read_text())
-    except OSError as e:
-        raise DataError(f"cannot read pose file {path}: {e}") from None
-    if len(values) != 16:
-        raise DataError(f"pose file {path}: expected 16 numbers (a 4x4 camera-to-world matrix), found {len(values)}")
-    if not all(math.isfinite(v) for v in values):
-        raise DataError(f"pose file {path}: contains non-finite numbers")
-    return torch.tensor(values, dtype=torch.float64).reshape(4, 4).float()
+    """(4, 4) camera-to-world matrix from an SRN pose file (16 numbers, row-major, rigid)."""
+    return torch.from_numpy(read_pose_file(path)).float()
 
 
 def read_intrinsics(path: Path) -> tuple[Tensor, tuple[int, int]]:
     """``K (4,) = f, f, cx, cy`` and the ``(H, W)`` those pixels refer to, from intrinsics.txt."""
-    try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    except OSError as e:
-        raise DataError(f"cannot read intrinsics file {path}: {e}") from None
-    if len(lines) < 2:
-        raise DataError(f"intrinsics file {path}: expected a first line 'f cx cy 0' and a last line 'H W'")
-    first = _numbers(path, lines[0])
-    if len(first) < 3:
-        raise DataError(f"intrinsics file {path}: first line must be 'f cx cy 0', got {lines[0]!r}")
-    last = lines[-1].split()
-    if len(last) != 2 or not all(_is_integer(x) for x in last):
-        raise DataError(f"intrinsics file {path}: last line must be the image size 'H W', got {lines[-1]!r}")
-    H, W = (int(float(x)) for x in last)
-    if H < 1 or W < 1:
-        raise DataError(f"intrinsics file {path}: image size must be positive, got {H} x {W}")
-    f, cx, cy = first[:3]
-    return torch.tensor([f, f, cx, cy], dtype=torch.float32), (H, W)
-
-
-def _is_integer(s: str) -> bool:
-    try:
-        return float(s).is_integer()
-    except ValueError:
-        return False
+    k = read_intrinsics_file(path)
+    return torch.tensor([k.f, k.f, k.cx, k.cy], dtype=torch.float32), (k.H, k.W)
 
 
 def read_image(path: Path, background: tuple[float, float, float]) -> tuple[Tensor, Tensor]:
@@ -131,8 +97,8 @@ def read_image(path: Path, background: tuple[float, float, float]) -> tuple[Tens
         with Image.open(path) as im:
             has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
             pixels = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # Pillow's errors for corrupt files
-        raise DataError(f"cannot read image {path}: {e}") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... on corrupt files
+        raise unreadable_image(path, e) from None
     x = torch.from_numpy(pixels).permute(2, 0, 1)
     bg = torch.tensor(background).view(3, 1, 1)
     if has_alpha:
@@ -187,6 +153,35 @@ class SRNDataset(ViewsetDataset):
                 raise ValueError(f"must be >= 1 or null, got {v}")
             return v
 
+        @field_validator("bound", "camera_radius", "near")
+        @classmethod
+        def _positive_length(cls, v: float) -> float:
+            if not v > 0:
+                raise ValueError(f"must be > 0, got {v}")
+            return v
+
+        @field_validator("far")
+        @classmethod
+        def _beyond_near(cls, v: float, info: ValidationInfo) -> float:
+            near = info.data.get("near")
+            if near is not None and not v > near:
+                raise ValueError(f"must exceed data.near ({near}), got {v}")
+            return v
+
+        @field_validator("fov_deg")
+        @classmethod
+        def _field_of_view(cls, v: float) -> float:
+            if not 0 < v < 180:
+                raise ValueError(f"must lie strictly between 0 and 180 degrees, got {v}")
+            return v
+
+        @field_validator("seed")
+        @classmethod
+        def _seed(cls, v: int) -> int:
+            if not 0 <= v < 2**63:
+                raise ValueError("must satisfy 0 <= seed < 2**63")
+            return v
+
     def __init__(self, settings: "SRNDataset.Settings", *, split: str = "train"):
         super().__init__(settings, split=split)
         s = settings
@@ -228,19 +223,10 @@ class SRNDataset(ViewsetDataset):
     def view_names(self, i: int) -> list[str]:
         """Sorted view stems ("000000", ...) of object ``i``, each with an image and a pose."""
         if i not in self._view_names:
-            obj = self.objects[i]
-            rgb, pose = obj / "rgb", obj / "pose"
-            for d in (rgb, pose):
-                if not d.is_dir():
-                    raise DataError(f"object folder {obj}: missing {d.name}/ (expected rgb/*.png and pose/*.txt)")
-            names = sorted(p.stem for p in rgb.glob("*.png"))
-            if not names:
-                raise DataError(f"{rgb}: no .png images")
-            poses = {p.stem for p in pose.glob("*.txt")}
-            missing = [n for n in names if n not in poses]
-            if missing:
-                raise DataError(f"{pose / (missing[0] + '.txt')}: missing pose for image {rgb / (missing[0] + '.png')}")
-            self._view_names[i] = names
+            images, _, problems = view_files(self.objects[i])
+            if problems:
+                raise problems[0]
+            self._view_names[i] = sorted(images)
         return self._view_names[i]
 
     def num_views(self, i: int) -> int:
@@ -269,8 +255,7 @@ class SRNDataset(ViewsetDataset):
         for k in views:
             path = obj / "rgb" / f"{names[k]}.png"
             rgb, mask = read_image(path, bg)
-            if rgb.shape[-2:] != (H, W):  # the intrinsics would be rescaled wrongly
-                raise DataError(f"{path}: image is {rgb.shape[-2]} x {rgb.shape[-1]} but {obj / 'intrinsics.txt'} says {H} x {W}")
+            check_image_size(path, tuple(rgb.shape[-2:]), (H, W))  # else K would be rescaled wrongly
             rgbs.append(_resize(rgb, S))
             masks.append(_resize(mask, S))
             poses.append(read_pose(obj / "pose" / f"{names[k]}.txt"))
