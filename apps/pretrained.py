@@ -83,7 +83,7 @@ def pack(checkpoint: str | Path, name: str, root: Path = PRETRAINED_DIR, overrid
 
     state = load_checkpoint(checkpoint)
     raw = apply_overrides(recipe_from_state(state), list(overrides or []), f"{state['path']} (embedded recipe)")
-    recipe = load_recipe_dict(raw, source=f"{state['path']} (embedded recipe)")
+    recipe = load_recipe_dict(raw, source=f"{state['path']} (embedded recipe)", budget="sample")
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     views = recipe.data.settings.views - recipe.train.heldout_views

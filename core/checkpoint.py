@@ -201,7 +201,7 @@ def model_from_state(state: dict, ema: bool = True):
     from .recipe import load_recipe_dict
 
     path = state.get("path", "<checkpoint>")
-    recipe = load_recipe_dict(recipe_from_state(state), source=f"{path} (embedded recipe)")
+    recipe = load_recipe_dict(recipe_from_state(state), source=f"{path} (embedded recipe)", budget="sample")
     info = info_from_dict(state.get("info"), path)
     try:
         model = ViewsetDiffusion(recipe, info)
@@ -267,7 +267,7 @@ def check_resume_recipe(state: dict, recipe, run_dir) -> None:
     from .recipe import load_recipe_dict
 
     path = state.get("path", "<checkpoint>")
-    saved = load_recipe_dict(recipe_from_state(state), source=f"{path} (embedded recipe)")
+    saved = load_recipe_dict(recipe_from_state(state), source=f"{path} (embedded recipe)", budget=None)
     changes = recipe_changes(saved, recipe)
     if not changes:
         return

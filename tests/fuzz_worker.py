@@ -104,6 +104,11 @@ def serve() -> None:
     from vsd.core.registry import get_registry
 
     get_registry()
+    # The optimiser's first construction imports torch's compiler stack (seconds); a one-element
+    # tensor starts no thread pool, so the children stay fork-safe.
+    import torch
+
+    vsd.apps.training.make_optimizer(torch.nn.Linear(1, 1), 1e-3)
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -230,7 +230,7 @@ def _mutate(raw: dict, mutations) -> dict:
 
 
 # ---- recipes ------------------------------------------------------------------------------------
-@fuzz_settings(40)
+@fuzz_settings(30)
 @given(mutations=MUTATIONS)
 def test_fuzz_recipe_values(worker, arena, tiny_raw, mutations):
     """A recipe with 1-3 keys set to hostile values, deleted or misspelt: validated, then (when
@@ -262,7 +262,7 @@ RAW_RECIPES = st.one_of(
 )
 
 
-@fuzz_settings(30)
+@fuzz_settings(25)
 @given(text=RAW_RECIPES)
 def test_fuzz_recipe_bytes(worker, arena, text):
     """Arbitrary bytes, non-UTF-8 text, alias bombs, deep nesting, duplicate keys, huge files."""
@@ -294,7 +294,7 @@ OVERRIDES = st.lists(
 )
 
 
-@fuzz_settings(40)
+@fuzz_settings(30)
 @given(overrides=OVERRIDES)
 def test_fuzz_overrides(worker, arena, overrides):
     """Command-line overrides with hostile keys and values on the tiny reference recipe."""
@@ -356,7 +356,7 @@ def _damage(root: Path, ops) -> list[Path]:
     return hit
 
 
-@fuzz_settings(20)
+@fuzz_settings(12)
 @given(ops=DATA_DAMAGE)
 def test_fuzz_data_folders(worker, arena, ops):
     """A small SRN folder with 1-3 damaged files: `data check` and one training step on it both
@@ -455,7 +455,7 @@ def _damage_bytes(data: bytes, op) -> bytes:
     return data[:pos] + bytes([op[2]]) + data[pos + 1:]
 
 
-@fuzz_settings(25)
+@fuzz_settings(20)
 @given(ops=STATE_DAMAGE, raw=BYTE_DAMAGE)
 def test_fuzz_checkpoints(worker, arena, trained, ops, raw):
     """A training checkpoint with keys dropped or retyped, NaN or reshaped weights, a hostile
@@ -469,7 +469,7 @@ def test_fuzz_checkpoints(worker, arena, trained, ops, raw):
     run_case(worker, arena, case, argv, [path.name], f"checkpoint {ops!r} {raw!r}"[:400], "checkpoints")
 
 
-@fuzz_settings(25)
+@fuzz_settings(20)
 @given(ops=STATE_DAMAGE, raw=BYTE_DAMAGE)
 def test_fuzz_weights_files(worker, arena, trained, ops, raw):
     """A safetensors weights file with its metadata (format, recipe, info, step) or tensors
