@@ -230,7 +230,8 @@ def test_sweep_over_a_third_party_representation(tmp_path):
 
 
 def test_ray_executor_runs_each_run_as_a_task(tmp_path, monkeypatch):
-    if importlib.util.find_spec("ray") is None:
+    spec = importlib.util.find_spec("ray")
+    if spec is None or spec.origin is None:  # absent, or only a folder named ray on sys.path
         pytest.skip("ray is not installed")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray instance
     path = write_sweep(tmp_path, "ray", runs=[{"aggregator.type": "max"}])
