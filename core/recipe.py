@@ -330,7 +330,7 @@ def load_recipe_dict(
 def _fmt_validation(source: str, section: str, exc: ValidationError, schema: type[Settings]) -> RecipeError:
     err = exc.errors()[0]
     loc = clip(".".join(str(p) for p in err["loc"]))
-    key = f"{section}.{loc}" if loc else section
+    key = (loc if section == "<top level>" else f"{section}.{loc}") if loc else section
     kind = err["type"]
     if kind == "extra_forbidden":
         known = ", ".join(schema.model_fields) or "none"
