@@ -98,10 +98,13 @@ def sample(
     seed: int = typer.Option(0, "--seed"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="sampler steps (default: the recipe's)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance weight w (-1: ignore the input)"),
-    out_dir: Path = typer.Option(Path("samples"), "--out", help="output folder"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: a new folder samples/<model>-<input or unconditional>[-N])"),
 ) -> None:
     """Draw samples (unconditional, or conditioned on --input) and write PNG grids and turntables."""
     from ..apps.sampling import load_model, sample_to_files
+
+    if out_dir is None:
+        out_dir = fresh_folder(Path("samples"), f"{_model_label(checkpoint)}-{input.stem if input else 'unconditional'}")
 
     if out_dir.exists() and not out_dir.is_dir():
         raise VsdError(f"--out {out_dir} is a file, not a folder; choose a folder for the samples")
@@ -112,6 +115,24 @@ def sample(
         raise VsdError(f"cannot write samples to {exc.filename or out_dir}: {exc.strerror or exc}") from None
     for kind, path in files.items():
         out.print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}")
+
+
+def _model_label(checkpoint: Path) -> str:
+    """A short name for the model a checkpoint argument names: its run or shipped-model folder."""
+    p = Path(checkpoint)
+    if p.suffix in (".pt", ".safetensors"):
+        p = p.parent.parent if p.parent.name == "checkpoints" else p.parent if p.name == "model.safetensors" else p.with_suffix("")
+    return p.name or "model"
+
+
+def fresh_folder(parent: Path, name: str) -> Path:
+    """``parent/name``, or ``parent/name-2``, ``-3``, ... : the first that does not exist or is empty,
+    so that a command's default output never replaces an earlier one."""
+    for i in range(1, 10_000):
+        cand = parent / (name if i == 1 else f"{name}-{i}")
+        if not cand.exists() or (cand.is_dir() and not any(cand.iterdir())):
+            return cand
+    raise VsdError(f"{parent} holds 10,000 folders named {name}-N; pass --out")
 
 
 def _register_command_modules() -> None:

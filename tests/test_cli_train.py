@@ -111,6 +111,17 @@ def test_sample_from_an_input_image(tmp_path):
     assert gif.n_frames == 2
 
 
+def test_default_sample_folders_never_replace_earlier_ones(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["recipe", "voxel_minens.yaml", *TINY, "--out", str(run), "--quiet"]) == 0
+    monkeypatch.chdir(tmp_path)
+    args = ["sample", str(run / "checkpoints" / "last.pt"), "--num-samples", "1", "--steps", "1"]
+    assert main(args) == 0 and main(args) == 0
+    first, second = tmp_path / "samples" / "run-unconditional", tmp_path / "samples" / "run-unconditional-2"
+    assert (first / "samples.png").is_file() and (second / "samples.png").is_file()
+    assert "samples/run-unconditional-2/samples.png" in capsys.readouterr().out.replace("\n", "")
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err
