@@ -94,7 +94,6 @@ from ..core.settings import Settings
 
 STATES = ("pending", "running", "done", "failed")
 STATUS = "status.json"
-LOCK = ".lock"
 SWEEP_KEYS = ("name", "base", "overrides", "axes", "mode", "runs", "eval", "metric", "metrics", "out")
 DEFAULT_COLUMNS = ("psnr_best_of_1", "ssim_best_of_1", "pairwise_psnr")
 

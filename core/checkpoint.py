@@ -30,9 +30,7 @@ import torch
 from .contracts import SceneInfo
 from .errors import DataError, short
 from .files import temp_beside
-from .state_checks import (  # noqa: F401 - re-exported: the checks are part of reading a checkpoint
-    STATE_KEYS, SHOWN, describe, _first_line, _name, _listed, _recipe_yaml, check_tensors, nonfinite_tensors, refuse_nonfinite, check_info, check_state,
-)
+from .state_checks import _first_line, _listed, _name, _recipe_yaml, check_info, check_state, check_tensors, describe, refuse_nonfinite
 
 FORMAT = "vsd-checkpoint/1"
 

@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError, field_validator
 from .errors import PluginError, RecipeError, clip, short
 from .registry import Registry, get_registry
 from .safe_yaml import YamlRefused, parse_yaml, read_yaml_file
-from .settings import Settings
+from .settings import Seed, Settings
 
 # recipe key -> registry slot
 SLOT_KEYS = {
@@ -119,7 +119,7 @@ class TopSettings(Settings):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="the run's name (runs/<name>): letters, digits, '.', '_' and '-', not starting with '.' or '-'",
     )
-    seed: int = Field(0, ge=0, lt=2**63, description="random seed, 0 <= seed < 2**63")
+    seed: Seed = Field(0, description="random seed, 0 <= seed < 2**63")
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
 
 

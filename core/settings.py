@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Settings(BaseModel):
@@ -10,6 +12,10 @@ class Settings(BaseModel):
     every float must be finite (NaN and infinities are refused wherever a float is expected)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# A random seed: torch.Generator.manual_seed takes 0 <= seed < 2**63.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class Plugin:

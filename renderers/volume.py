@@ -18,6 +18,7 @@ import warnings
 from typing import Literal
 
 import torch
+import pydantic
 from pydantic import ValidationInfo, field_validator
 from torch import Tensor
 
@@ -202,33 +203,12 @@ class VolumeRenderer(Renderer):
     accepts = ("field",)
 
     class Settings(BaseSettings):
-        samples: int = 32  # stratified samples per ray: jittered in training, midpoints in eval
-        importance_samples: int = 0  # extra samples from the coarse weights (inverse CDF)
-        near: float | None = None  # optional clip of the ray range (distance along the ray)
+        samples: int = pydantic.Field(32, ge=1)  # stratified samples per ray: jittered in training, midpoints in eval
+        importance_samples: int = pydantic.Field(0, ge=0)  # extra samples from the coarse weights (inverse CDF)
+        near: float | None = pydantic.Field(None, ge=0)  # optional clip of the ray range (distance along the ray)
         far: float | None = None
-        chunk_rays: int = 65536  # rays rendered at once, over the whole batch
+        chunk_rays: int = pydantic.Field(65536, ge=1)  # rays rendered at once, over the whole batch
         implementation: Literal["auto", "torch", "nerfacc"] = "auto"
-
-        @field_validator("samples", "chunk_rays")
-        @classmethod
-        def _positive(cls, v: int) -> int:
-            if v < 1:
-                raise ValueError(f"must be >= 1, got {v}")
-            return v
-
-        @field_validator("importance_samples")
-        @classmethod
-        def _non_negative(cls, v: int) -> int:
-            if v < 0:
-                raise ValueError(f"must be >= 0, got {v}")
-            return v
-
-        @field_validator("near")
-        @classmethod
-        def _near(cls, v: float | None) -> float | None:
-            if v is not None and v < 0:
-                raise ValueError(f"must be >= 0 (or null), got {v}")
-            return v
 
         @field_validator("far")
         @classmethod
@@ -242,11 +222,6 @@ class VolumeRenderer(Renderer):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        if settings.samples < 1 or settings.importance_samples < 0 or settings.chunk_rays < 1:
-            raise ValueError(
-                "VolumeRenderer: need samples >= 1, importance_samples >= 0, chunk_rays >= 1; got "
-                f"{settings.samples}, {settings.importance_samples}, {settings.chunk_rays}"
-            )
 
     def backend(self, device: torch.device) -> Literal["torch", "nerfacc"]:
         """Which compositing backend serves tensors on ``device``."""

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import pydantic
 from pydantic import ValidationInfo, field_validator
 from torch import Tensor, nn
 
@@ -339,38 +340,17 @@ class HashGrid(Representation):
     kind = "field"
 
     class Settings(BaseSettings):
-        levels: int = 8
-        features_per_level: int = 2
-        log2_table_size: int = 12
-        min_resolution: int = 4
+        levels: int = pydantic.Field(8, ge=1)
+        features_per_level: int = pydantic.Field(2, ge=1)
+        log2_table_size: int = pydantic.Field(12, ge=1, le=32)
+        min_resolution: int = pydantic.Field(4, ge=1)
         max_resolution: int = 32
-        hidden: int = 32  # width of the decoder MLP
-        layers: int = 2  # hidden layers of the decoder MLP
+        hidden: int = pydantic.Field(32, ge=1)  # width of the decoder MLP
+        layers: int = pydantic.Field(2, ge=0)  # hidden layers of the decoder MLP
         density_activation: Literal["softplus", "exp"] = "softplus"
-        density_scale: float = 1.0
+        density_scale: float = pydantic.Field(1.0, gt=0)
         density_bias: float = -3.0  # initial bias of the density output: mostly transparent, not 0
         implementation: Literal["auto", "torch", "tcnn"] = "auto"  # tcnn serves only refinement
-
-        @field_validator("levels", "features_per_level", "min_resolution", "hidden")
-        @classmethod
-        def _positive(cls, v: int, info: ValidationInfo) -> int:
-            if v < 1:
-                raise ValueError(f"need {info.field_name} >= 1, got {v}")
-            return v
-
-        @field_validator("layers")
-        @classmethod
-        def _non_negative(cls, v: int, info: ValidationInfo) -> int:
-            if v < 0:
-                raise ValueError(f"need {info.field_name} >= 0, got {v}")
-            return v
-
-        @field_validator("log2_table_size")
-        @classmethod
-        def _table_size(cls, v: int) -> int:
-            if not 1 <= v <= 32:
-                raise ValueError(f"need 1 <= log2_table_size <= 32, got {v}")
-            return v
 
         @field_validator("max_resolution")
         @classmethod
@@ -380,18 +360,9 @@ class HashGrid(Representation):
                 raise ValueError(f"need min_resolution <= max_resolution, got {v}, below representation.min_resolution ({lo})")
             return v
 
-        @field_validator("density_scale")
-        @classmethod
-        def _positive_scale(cls, v: float) -> float:
-            if not v > 0:
-                raise ValueError(f"need density_scale > 0, got {v}")
-            return v
-
     def __init__(self, settings: Settings, *, in_channels: int, resolution: int, bound: float):
         super().__init__(settings, in_channels=in_channels, resolution=resolution, bound=bound)
         s = settings
-        if s.hidden < 1 or s.layers < 0:
-            raise ValueError(f"HashGrid: need hidden >= 1 and layers >= 0, got {s.hidden}, {s.layers}")
         self.encoding = HashEncoding(
             s.levels, s.features_per_level, s.log2_table_size, s.min_resolution, s.max_resolution, bound
         )

@@ -11,7 +11,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationInfo, field_validator
+import pydantic
 from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
@@ -121,44 +121,18 @@ class Triplane(Representation):
     kind = "field"
 
     class Settings(BaseSettings):
-        plane_channels: int = 16
+        plane_channels: int = pydantic.Field(16, ge=1)
         plane_upsample: Literal[1, 2] = 1
         combine: Literal["sum", "concat", "product"] = "sum"
-        hidden: int = 32  # width of the decoder MLP
-        layers: int = 2  # hidden layers of the decoder MLP (0: linear decoder)
+        hidden: int = pydantic.Field(32, ge=1)  # width of the decoder MLP
+        layers: int = pydantic.Field(2, ge=0)  # hidden layers of the decoder MLP (0: linear decoder)
         density_activation: Literal["softplus", "exp"] = "softplus"
-        density_scale: float = 1.0
+        density_scale: float = pydantic.Field(1.0, gt=0)
         density_bias: float = -3.0  # initial bias of the density output: mostly transparent, not 0
-
-        @field_validator("plane_channels", "hidden")
-        @classmethod
-        def _positive(cls, v: int, info: ValidationInfo) -> int:
-            if v < 1:
-                raise ValueError(f"need {info.field_name} >= 1, got {v}")
-            return v
-
-        @field_validator("layers")
-        @classmethod
-        def _non_negative(cls, v: int, info: ValidationInfo) -> int:
-            if v < 0:
-                raise ValueError(f"need {info.field_name} >= 0, got {v}")
-            return v
-
-        @field_validator("density_scale")
-        @classmethod
-        def _positive_scale(cls, v: float) -> float:
-            if not v > 0:
-                raise ValueError(f"need density_scale > 0, got {v}")
-            return v
 
     def __init__(self, settings: Settings, *, in_channels: int, resolution: int, bound: float):
         super().__init__(settings, in_channels=in_channels, resolution=resolution, bound=bound)
         s = settings
-        if s.plane_channels < 1 or s.hidden < 1 or s.layers < 0:
-            raise ValueError(
-                f"Triplane: need plane_channels >= 1, hidden >= 1, layers >= 0; got "
-                f"{s.plane_channels}, {s.hidden}, {s.layers}"
-            )
         self.reduce = nn.ModuleDict({n: AxisReduction(in_channels, resolution, dim) for n, (dim, _) in PLANES.items()})
         self.heads = nn.ModuleDict({n: _plane_head(in_channels, s.plane_channels, s.plane_upsample) for n in PLANES})
         width = s.plane_channels * (3 if s.combine == "concat" else 1)

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationInfo, field_validator
+import pydantic
 from torch import Tensor, nn
 
 from ..core.settings import Settings as BaseSettings
@@ -71,29 +71,13 @@ class VoxelGrid(Representation):
 
     class Settings(BaseSettings):
         upsample: Literal[1, 2] = 1
-        hidden_channels: int = 32  # 0: the heads read the input volume directly
+        hidden_channels: int = pydantic.Field(32, ge=0)  # 0: the heads read the input volume directly
         density_activation: Literal["softplus", "exp"] = "softplus"
-        density_scale: float = 1.0
+        density_scale: float = pydantic.Field(1.0, gt=0)
         density_bias: float = -3.0  # initial bias of the density head: mostly transparent, not 0
-
-        @field_validator("hidden_channels")
-        @classmethod
-        def _non_negative(cls, v: int, info: ValidationInfo) -> int:
-            if v < 0:
-                raise ValueError(f"need {info.field_name} >= 0, got {v}")
-            return v
-
-        @field_validator("density_scale")
-        @classmethod
-        def _positive_scale(cls, v: float) -> float:
-            if not v > 0:
-                raise ValueError(f"need density_scale > 0, got {v}")
-            return v
 
     def __init__(self, settings: Settings, *, in_channels: int, resolution: int, bound: float):
         super().__init__(settings, in_channels=in_channels, resolution=resolution, bound=bound)
-        if settings.hidden_channels < 0:
-            raise ValueError(f"VoxelGrid: hidden_channels must be >= 0, got {settings.hidden_channels}")
         width = settings.hidden_channels or in_channels
         layers: list[nn.Module] = []
         if settings.hidden_channels:

@@ -156,8 +156,8 @@ def test_bad_inputs_are_named():
         Triplane.Settings(combine="max")
     with pytest.raises(pydantic.ValidationError, match="plane_upsample"):
         Triplane.Settings(plane_upsample=3)
-    with pytest.raises(ValueError, match="layers >= 0"):
-        make(layers=-1)
+    with pytest.raises(pydantic.ValidationError, match=r"layers\n.*greater than or equal to 0"):
+        Triplane.Settings(layers=-1)
 
 
 def test_mlp_layer_count():

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from ...core.cameras import Cameras, spherical_to_cartesian
-from ...core.settings import Settings as BaseSettings
+from ...core.settings import Seed, Settings as BaseSettings
 from ...core.contracts import SPLIT_SEEDS, SceneInfo, ViewsetDataset
 from .boxes import Boxes, box_uv_maps, render_boxes
 from .skins import PARTS, flat_skin, load_skin, procedural_skin
@@ -140,8 +140,8 @@ class MinensDataset(ViewsetDataset):
     class Settings(BaseSettings):
         image_size: int = 32
         views: int = 3
-        num_objects: int | None = None  # None: train 10000, val 64, test 64
-        seed: int = 0
+        num_objects: int | None = Field(None, ge=1, le=2**40)  # None: train 10000, val 64, test 64
+        seed: Seed = 0
         supersample: int = 2
         elevation: tuple[float, float] = (-20.0, 50.0)  # degrees
         # "procedural", "flat" (one flat colour per box: head, body, arms, legs; a fast benchmark of
@@ -152,34 +152,13 @@ class MinensDataset(ViewsetDataset):
         cache: bool = True  # keep rendered val/test items in memory
         max_swing: float = 45.0  # degrees, limbs swing in [-max_swing, max_swing]
         max_head_yaw: float = 30.0
-        shading: float = 0.0  # 0: flat texture colours; see boxes.render_boxes
+        shading: float = Field(0.0, ge=0, le=1)  # 0: flat texture colours; see boxes.render_boxes
 
         @field_validator("image_size", "views", "supersample")
         @classmethod
         def _positive(cls, v: int) -> int:
             if v < 1:
                 raise ValueError(f"must be >= 1, got {v}")
-            return v
-
-        @field_validator("num_objects")
-        @classmethod
-        def _object_count(cls, v: int | None) -> int | None:
-            if v is not None and not 1 <= v <= 2**40:
-                raise ValueError(f"must be >= 1 and <= 2**40 (or null), got {v}")
-            return v
-
-        @field_validator("seed")
-        @classmethod
-        def _seed(cls, v: int) -> int:
-            if not 0 <= v < 2**63:
-                raise ValueError("must satisfy 0 <= seed < 2**63")
-            return v
-
-        @field_validator("shading")
-        @classmethod
-        def _shading(cls, v: float) -> float:
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"must lie in [0, 1], got {v}")
             return v
 
         @model_validator(mode="after")

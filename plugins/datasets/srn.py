@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from ...core.errors import DataError
-from ...core.settings import Settings as BaseSettings
+from ...core.settings import Seed, Settings as BaseSettings
 from ...core.contracts import SceneInfo, ViewsetDataset
 from .srn_checks import check_image_size, read_intrinsics_file, read_pose_file, unreadable_image, view_files
 
@@ -126,16 +126,16 @@ class SRNDataset(ViewsetDataset):
         prefix: str = "cars"
         image_size: int = 64
         views: int = 4
-        bound: float = 0.5
-        camera_radius: float = 1.3
-        fov_deg: float = 51.98
-        near: float = 0.8
+        bound: float = Field(0.5, gt=0)
+        camera_radius: float = Field(1.3, gt=0)
+        fov_deg: float = Field(51.98, gt=0, lt=180)
+        near: float = Field(0.8, gt=0)
         far: float = 1.8
         up_axis: Literal["y", "z"] = "z"  # world up of turntables; SRN cars stand on z = const
         background: Literal["white", "black"] = "white"
         protocol: Literal["random", "srn-test"] = "random"
         max_objects: int | None = None
-        seed: int = 0  # of the per-index view choice in val/test
+        seed: Seed = 0  # of the per-index view choice in val/test
         # make the dataset on first use when `root` has no split folders (see datatools/prepare.py)
         prepare: Literal["torcs-cars", "minens-character-creator"] | None = None
 
@@ -153,33 +153,12 @@ class SRNDataset(ViewsetDataset):
                 raise ValueError(f"must be >= 1 or null, got {v}")
             return v
 
-        @field_validator("bound", "camera_radius", "near")
-        @classmethod
-        def _positive_length(cls, v: float) -> float:
-            if not v > 0:
-                raise ValueError(f"must be > 0, got {v}")
-            return v
-
         @field_validator("far")
         @classmethod
         def _beyond_near(cls, v: float, info: ValidationInfo) -> float:
             near = info.data.get("near")
             if near is not None and not v > near:
                 raise ValueError(f"must exceed data.near ({near}), got {v}")
-            return v
-
-        @field_validator("fov_deg")
-        @classmethod
-        def _field_of_view(cls, v: float) -> float:
-            if not 0 < v < 180:
-                raise ValueError(f"must lie strictly between 0 and 180 degrees, got {v}")
-            return v
-
-        @field_validator("seed")
-        @classmethod
-        def _seed(cls, v: int) -> int:
-            if not 0 <= v < 2**63:
-                raise ValueError("must satisfy 0 <= seed < 2**63")
             return v
 
     def __init__(self, settings: "SRNDataset.Settings", *, split: str = "train"):
