@@ -163,8 +163,19 @@ class ViewsetDiffusion(nn.Module):
         # (the deterministic baseline has no self-conditioning at all)
         self_cond = None if tr.deterministic else torch.where(clean5, x0, torch.zeros_like(x0))
         if use_self_cond:
+            own = tr.own_views_prob > 0 and draw.scalar() < tr.own_views_prob
+            if own:
+                # as while sampling: the noisy views hold what the model itself estimated at an
+                # earlier, noisier step (t_hi in [t, T)), not the truth; the target stays the truth
+                t_hi = t + (draw.rand(1)[:, 0] * (self.T - t)).long().clamp(max=self.T - 1 - t)
+                x_hi = self.schedule.add_noise(x0, draw.randn(*x0.shape[1:]), t_hi[:, None].expand(B, V))
+                est_in, est_t = torch.where(clean5, x0, x_hi), torch.where(clean, 0, t_hi[:, None])
+            else:
+                est_in, est_t = x_in, timesteps
             with torch.no_grad():
-                estimate = self.predict(x_in, batch.cameras[:, :V], timesteps, self_cond, background=bg).x0.detach()
+                estimate = self.predict(est_in, batch.cameras[:, :V], est_t, self_cond, background=bg).x0.detach()
+            if own:
+                x_in = torch.where(clean5, x0, self.schedule.add_noise(estimate.clamp(-1, 1), noise, t[:, None].expand(B, V)))
             self_cond = torch.where(clean5, x0, estimate)
 
         pred = self.predict(x_in, batch.cameras[:, :V], timesteps, self_cond, batch.cameras, bg)

@@ -53,6 +53,11 @@ class TrainSettings(Settings):
         description="probability per training viewset of rotating all its views' colours by one random angle about the grey axis",
     )
     clean_weight: float = Field(1.0, ge=0, description="loss weight of the clean input views (1: their weight at t = 0)")
+    own_views_prob: float = Field(
+        0.0, ge=0, le=1,
+        description="probability, in a step that runs the self-conditioning pass, that the noisy input views are noised from "
+        "the model's own estimate made at a higher noise level instead of from the truth, as they are while sampling",
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="after warm-up: a constant learning rate, or a cosine decay to lr * min_lr_ratio at train.steps"
     )

@@ -231,3 +231,41 @@ def test_colour_augment_rotates_hues_alike_in_every_view_and_keeps_greys(tiny_re
     assert torch.allclose(got[b, (v + 2) % 3, :, 0, 0], got[b, v, :, y, x], atol=1e-6)
     assert not torch.allclose(got[b, v, :, y, x], src[b, v, :, y, x], atol=0.05)
     assert torch.equal(model._rotate_hues(batch, draw(), 0.0).images, src)
+
+
+def test_own_views_noise_the_models_estimate_from_a_noisier_step(tiny_recipe):
+    """train.own_views_prob=1: the self-conditioning pass runs at t_hi >= t, and the loss pass's
+    noisy views are that estimate noised to t (the clean views and the target stay the truth)."""
+    recipe = tiny_recipe(["diffusion.self_condition_prob=1.0", "train.own_views_prob=1.0", "train.cond_probs=[0, 1]"])
+    model, ds = _model(recipe)
+    batch = collate_viewsets([ds[0], ds[1]])
+    V = batch.images.shape[1] - recipe.train.heldout_views
+    seen = []
+    real_predict = model.predict
+
+    def spy(images, cameras, timesteps, self_cond, *a, **k):
+        out = real_predict(images, cameras, timesteps, self_cond, *a, **k)
+        seen.append((images.clone(), timesteps.clone(), self_cond.clone(), out.x0.detach().clone()))
+        return out
+
+    model.predict = spy
+    loss, _ = model.training_loss(batch, seed=3)
+    loss.backward()
+    (est_in, t_hi, _, estimate), (x_in, t, sc, _) = seen
+    x0 = batch.images[:, :V]
+    assert torch.equal(t[:, 0], torch.zeros(2, dtype=torch.long)) and torch.equal(t_hi[:, 0], t[:, 0])
+    assert (t_hi[:, 1:] >= t[:, 1:]).all() and (t_hi[:, 1:] < model.T).all()
+    assert torch.equal(x_in[:, :1], x0[:, :1]) and torch.equal(sc[:, :1], x0[:, :1])
+    assert torch.allclose(sc[:, 1:], estimate[:, 1:])
+    # x_t = sqrt(abar) est + sqrt(1 - abar) eps: the same noise applied to the truth gives another input
+    abar = model.schedule.alphas_cumprod[t[:, 1]].view(2, 1, 1, 1, 1).float()
+    eps = (x_in[:, 1:] - abar.sqrt() * estimate[:, 1:].clamp(-1, 1)) / (1 - abar).sqrt()
+    from_truth = abar.sqrt() * x0[:, 1:] + (1 - abar).sqrt() * eps
+    assert not torch.allclose(from_truth, x_in[:, 1:], atol=1e-3)
+    assert eps.std() > 0.5  # a real noise draw, not zero
+    # off (the default): the loss pass sees the truth noised, at the estimate's own t
+    seen.clear()
+    model2, _ = _model(tiny_recipe(["diffusion.self_condition_prob=1.0", "train.cond_probs=[0, 1]"]))
+    model2.predict = lambda *a, **k: (seen.append(a[2].clone()), ViewsetDiffusion.predict(model2, *a, **k))[1]
+    model2.training_loss(batch, seed=3)
+    assert torch.equal(seen[0], seen[1])
