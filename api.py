@@ -20,7 +20,8 @@ from .apps.pretrained import names as pretrained_names  # noqa: F401
 
 def load(path_or_name: str | Path, device: str = "auto", ema: bool = True) -> Pipeline:
     """A :class:`Pipeline` from a checkpoint file, a run directory (its newest intact
-    checkpoint) or the name of a shipped model; EMA weights by default."""
+    checkpoint) or the name of a shipped model; EMA weights by default. A model trained for
+    fewer than 1,000 steps is loaded with a note on stderr: its samples look like noise."""
     from .apps.sampling import load_model
 
-    return Pipeline(load_model(path_or_name, device=device, ema=ema))
+    return Pipeline(load_model(path_or_name, device=device, ema=ema, notice=True))

@@ -3,6 +3,7 @@ samples (``vsd-run export``)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..core.checkpoint import load_checkpoint, model_from_state
@@ -13,15 +14,55 @@ from ..core.errors import EmptyMeshError
 from .export import FORMATS, export_mesh, no_surface, scene_to_meshes
 
 
-def load_model(checkpoint: str | Path, device: str = "auto", ema: bool = True) -> ViewsetDiffusion:
+def load_model(checkpoint: str | Path, device: str = "auto", ema: bool = True, *, notice: bool = False) -> ViewsetDiffusion:
     """The model of a checkpoint, run directory, weights file or shipped model name (its EMA
     weights by default), in eval mode. A file whose recipe, scene geometry or weights do not make
-    a model (wrong shapes, NaN or Inf) is a DataError or RecipeError naming it."""
+    a model (wrong shapes, NaN or Inf) is a DataError or RecipeError naming it. ``notice``: say on
+    stderr when the model has trained too few steps to give anything but noise."""
     from .pretrained import resolve
 
     state = load_checkpoint(resolve(checkpoint))
     model = model_from_state(state, ema=ema)
+    if notice and (text := untrained_notice(state, checkpoint)):
+        print(text, file=sys.stderr, flush=True)
     return model.to(select_device(device if device != "auto" else model.recipe.device)).eval()
+
+
+# Below this many training steps a model's samples are noise-like (the shipped models trained 4-5k).
+UNTRAINED_STEPS = 1000
+
+
+def untrained_notice(state: dict, label: str | Path) -> str | None:
+    """One line saying that the checkpoint ``state`` (named ``label``) has trained fewer than
+    UNTRAINED_STEPS steps, with its run's last logged loss when its log.csv is there; else None."""
+    step = int(state.get("step", 0))
+    if step >= UNTRAINED_STEPS:
+        return None
+    path = Path(state.get("path", ""))
+    loss = _last_loss(path.parent.parent / "log.csv", step) if path.parent.name == "checkpoints" else None
+    plural = "" if step == 1 else "s"
+    last = f" (last loss {loss:.3g})" if loss is not None else ""
+    return f"note: {label} was trained for {step} step{plural}{last}; its samples will look like noise until it has trained for a few thousand steps"
+
+
+def _last_loss(log: Path, step: int) -> float | None:
+    """The loss of the last row of a run's log.csv at or before ``step`` (None when unreadable)."""
+    import csv
+    import math
+
+    last = None
+    try:
+        with open(log, newline="") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    s, v = int(float(row["step"])), float(row["loss"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                if s <= step and math.isfinite(v):
+                    last = v
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return last
 
 
 def sample_to_files(
