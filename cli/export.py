@@ -21,10 +21,11 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         steps: Optional[int] = typer.Option(None, "--steps", min=1, help="sampler steps (default: the recipe's)"),
         guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance weight w"),
-        out_dir: Path = typer.Option(Path("meshes"), "--out", help="output folder"),
+        out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: a new folder meshes/<model>-<input or unconditional>[-N])"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that already holds files"),
     ) -> None:
         """Sample objects (unconditional, or conditioned on --input) and write one mesh per sample."""
-        from .console import out
+        from .main import default_name, output_folder, print_written
         from ..core.errors import VsdError
         from ..apps.export import FORMATS
         from ..apps.sampling import export_to_files, load_model
@@ -32,10 +33,10 @@ def register(app: typer.Typer) -> None:
         fmt = format.lower()
         if fmt not in FORMATS:
             raise VsdError(f"--format: unknown mesh format {format!r}; choose one of {', '.join(FORMATS)}")
-        model = load_model(checkpoint)
+        out_dir = output_folder(out_dir, Path("meshes"), default_name(checkpoint, input), overwrite)
+        model = load_model(checkpoint, notice=True)
         paths = export_to_files(
             model, out_dir, input_image=input, num_samples=num_samples, format=fmt, resolution=resolution,
             threshold=threshold, min_component_ratio=min_component, seed=seed, steps=steps, guidance=guidance,
         )
-        for p in paths:
-            out.print(f"mesh: {p}", markup=False, highlight=False, soft_wrap=True)
+        print_written({"mesh": paths}, out_dir)

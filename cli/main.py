@@ -99,22 +99,18 @@ def sample(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="sampler steps (default: the recipe's)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance weight w (-1: ignore the input)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: a new folder samples/<model>-<input or unconditional>[-N])"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that already holds files"),
 ) -> None:
     """Draw samples (unconditional, or conditioned on --input) and write PNG grids and turntables."""
     from ..apps.sampling import load_model, sample_to_files
 
-    if out_dir is None:
-        out_dir = fresh_folder(Path("samples"), f"{_model_label(checkpoint)}-{input.stem if input else 'unconditional'}")
-
-    if out_dir.exists() and not out_dir.is_dir():
-        raise VsdError(f"--out {out_dir} is a file, not a folder; choose a folder for the samples")
-    model = load_model(checkpoint)
+    out_dir = output_folder(out_dir, Path("samples"), default_name(checkpoint, input), overwrite)
+    model = load_model(checkpoint, notice=True)
     try:
         files = sample_to_files(model, out_dir, input_image=input, num_samples=num_samples, views=views, seed=seed, steps=steps, guidance=guidance)
     except OSError as exc:
         raise VsdError(f"cannot write samples to {exc.filename or out_dir}: {exc.strerror or exc}") from None
-    for kind, path in files.items():
-        out.print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}")
+    print_written(files, out_dir)
 
 
 def _model_label(checkpoint: Path) -> str:
@@ -133,6 +129,44 @@ def fresh_folder(parent: Path, name: str) -> Path:
         if not cand.exists() or (cand.is_dir() and not any(cand.iterdir())):
             return cand
     raise VsdError(f"{parent} holds 10,000 folders named {name}-N; pass --out")
+
+
+class OutputExistsError(VsdError):
+    """An --out folder that already holds files, or that is a file: nothing is written."""
+
+    exit_code = 2
+
+
+def default_name(checkpoint: Path, input: Path | None) -> str:
+    """``<model>-<input stem>``, or ``<model>-unconditional``: what a default output folder holds."""
+    return f"{_model_label(checkpoint)}-{input.stem if input else 'unconditional'}"
+
+
+def output_folder(out_dir: Path | None, parent: Path, name: str, overwrite: bool = False) -> Path:
+    """Where a command writes: ``out_dir`` when given (refused when it is a file, or already
+    holds files and ``overwrite`` is off), else a fresh ``parent/name[-N]`` (:func:`fresh_folder`).
+    Checked before any work, so that a refused command has touched nothing."""
+    if out_dir is None:
+        return fresh_folder(parent, name)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"--out {out_dir} is a file, not a folder; choose a folder (a new or empty one) with --out")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held and not overwrite:
+        noun = "file" if len(held) == 1 else "files"
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise OutputExistsError(
+            f"{out_dir} already holds {len(held)} {noun} (e.g. {shown}); pass --overwrite to write into it, or choose another --out"
+        )
+    return out_dir
+
+
+def print_written(files: dict, folder: Path) -> None:
+    """The files a command wrote (one line per kind), then the folder holding them."""
+    for kind, path in files.items():
+        shown = ", ".join(map(str, path)) if isinstance(path, list) else str(path)
+        out.print(f"{kind}: {shown}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"folder: {folder}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _register_command_modules() -> None:

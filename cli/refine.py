@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
         format: str = typer.Option("glb", "--format", help="mesh format: glb, ply or obj"),
         resolution: int = typer.Option(128, "--resolution", min=4, help="marching-cubes grid size"),
         threshold: Optional[float] = typer.Option(None, "--threshold", help="density level of the surface (1/world-length)"),
-        out_dir: Path = typer.Option(Path("refined"), "--out", help="output folder"),
+        out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: a new folder refined/<model>-<input or unconditional>[-N])"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that already holds files"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
     ) -> None:
         """Sample one object, fit a free hash grid to its renders, write a turntable and a mesh."""
@@ -38,6 +39,7 @@ def register(app: typer.Typer) -> None:
         from ..apps.export import FORMATS
         from ..apps.refine import RefineSettings, refine_to_files
         from ..apps.sampling import load_model
+        from .main import default_name, output_folder, print_written
 
         if format.lower() not in FORMATS:
             raise VsdError(f"--format: unknown mesh format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -50,7 +52,8 @@ def register(app: typer.Typer) -> None:
         except ValidationError as exc:
             bad = ", ".join(".".join(map(str, e["loc"])) + f": {e['msg']}" for e in exc.errors())
             raise VsdError(f"refine settings: {bad}") from None
-        model = load_model(checkpoint)
+        out_dir = output_folder(out_dir, Path("refined"), default_name(checkpoint, input), overwrite)
+        model = load_model(checkpoint, notice=True)
 
         def progress(i: int, n: int) -> None:
             if not quiet and (i == n or i % max(1, n // 10) == 0):
@@ -61,5 +64,4 @@ def register(app: typer.Typer) -> None:
             mesh_format=format.lower(), mesh_resolution=resolution, threshold=threshold, progress=progress,
         )
         out.print(f"photometric mse: {result['loss_before']:.5f} -> {result['loss_after']:.5f}")
-        for kind, path in result["files"].items():
-            out.print(f"{kind}: {', '.join(map(str, path)) if isinstance(path, list) else path}", markup=False, highlight=False, soft_wrap=True)
+        print_written(result["files"], out_dir)

@@ -154,7 +154,7 @@ def test_cli_export_writes_one_mesh_per_sample(tiny_run, tmp_path, capsys):
         mesh = trimesh.load(path, force="mesh")
         assert len(mesh.faces) > 0 and mesh.is_watertight
         assert np.abs(mesh.vertices).max() <= bound * (1 + 1e-6)  # inside the model's cube
-    assert main([*argv, "--num-samples", "1", "--format", "obj", "--out", str(out)]) == 0
+    assert main([*argv, "--num-samples", "1", "--format", "obj", "--out", str(out), "--overwrite"]) == 0
     assert len(trimesh.load(out / "sample_0.obj", force="mesh").faces) > 0
     assert main([*argv, "--format", "stl", "--out", str(out)]) == 1
     assert "unknown mesh format 'stl'" in capsys.readouterr().err

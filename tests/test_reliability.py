@@ -599,7 +599,7 @@ def test_bad_input_images_are_named_and_earlier_outputs_survive(trained, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    sample = ["sample", str(trained), "--num-samples", "1", "--steps", "1", "--out", str(out)]
+    sample = ["sample", str(trained), "--num-samples", "1", "--steps", "1", "--overwrite", "--out", str(out)]
     good = {
         "gray.png": Image.new("L", (16, 16), 90),
         "rgba.png": Image.new("RGBA", (16, 16), (200, 10, 10, 128)),
