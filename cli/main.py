@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -187,7 +191,62 @@ COMMAND_MODULES = ("eval", "data", "export", "refine", "sweep", "pack")
 _register_command_modules()
 
 
+WARNINGS_LOG = "warnings.log"
+SHOW_WARNINGS_ENV = "VSD_SHOW_WARNINGS"
+
+
+def warnings_log_path() -> Path:
+    """$VSD_CACHE_DIR/warnings.log, else ~/.cache/vsd/warnings.log (or under $XDG_CACHE_HOME)."""
+    root = os.environ.get("VSD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vsd"
+    return Path(root) / WARNINGS_LOG
+
+
+class _WarningsLog(logging.FileHandler):
+    """Appends to the log, making its folder on the first warning; an unwritable log is skipped
+    rather than disturbing the command."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+    def handleError(self, record) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def warnings_to_log():
+    """Python warnings (library deprecations, fallbacks) go to :func:`warnings_log_path`, not to
+    the terminal, where a source line would sit above the command's own messages; with
+    VSD_SHOW_WARNINGS=1 they are shown as usual. The previous state is restored on exit."""
+    if os.environ.get(SHOW_WARNINGS_ENV, "").strip() not in ("", "0"):
+        yield
+        return
+    handler = _WarningsLog(warnings_log_path(), delay=True, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("py.warnings")
+    propagate, shown = logger.propagate, warnings.showwarning
+    logger.addHandler(handler)
+    logger.propagate = False  # the root logger's handlers (or logging's last resort) print to stderr
+
+    def to_log(message, category, filename, lineno, file=None, line=None):
+        logger.warning("%s", warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+
+    warnings.showwarning = to_log  # what logging.captureWarnings does, restorable whatever was there
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        handler.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings_to_log():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     keep_freed_memory()
     try:
         app(args=argv, standalone_mode=False)

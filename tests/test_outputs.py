@@ -1,9 +1,14 @@
 """Where `vsd-run sample`, `export` and `refine` write (a fresh default folder, never over an
-earlier output), and the notice on a barely trained model."""
+earlier output), the notice on a barely trained model, and Python warnings kept off the terminal."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -133,3 +138,35 @@ def test_the_notice_takes_the_last_loss_logged_at_or_before_the_checkpoint(tmp_p
     state["step"] = 29  # the row at 30 comes after it; the row at 20 holds no finite loss
     assert "(last loss 0.5)" in untrained_notice(state, "r")
     assert untrained_notice({"step": 5000}, "r") is None
+
+
+# ---- Python warnings -----------------------------------------------------------------------
+def test_a_warning_inside_a_command_goes_to_the_log_not_the_terminal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VSD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("VSD_SHOW_WARNINGS", raising=False)
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    shown, handlers = warnings.showwarning, list(logging.getLogger("py.warnings").handlers)
+    # an empty run directory: loading warns (no last.pt, trying an older one), then fails cleanly
+    assert main(["sample", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(empty) in err
+    assert "Warning" not in err and "warnings.warn" not in err
+    log = (tmp_path / "cache" / "warnings.log").read_text()
+    assert "UserWarning" in log and "trying an older checkpoint" in log
+    # main() leaves the process as it found it
+    assert warnings.showwarning is shown and logging.getLogger("py.warnings").handlers == handlers
+
+
+def test_warnings_reach_stderr_only_when_asked(tmp_path):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    env = dict(os.environ, VSD_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("VSD_SHOW_WARNINGS", None)
+    argv = [sys.executable, "-m", "vsd.cli", "sample", str(empty)]
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 2 and "error:" in quiet.stderr
+    assert "Warning" not in quiet.stderr, quiet.stderr
+    assert "UserWarning" in (tmp_path / "cache" / "warnings.log").read_text()
+    shown = subprocess.run(argv, capture_output=True, text=True, env={**env, "VSD_SHOW_WARNINGS": "1"}, timeout=300)
+    assert shown.returncode == 2 and "UserWarning" in shown.stderr
