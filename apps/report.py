@@ -2,10 +2,11 @@
 
 The HTML embeds every image (PNG grids, the turntable GIF, the loss curve) as base64 data URIs,
 so ``report.html`` opens from disk in a browser and can be mailed as one file. The markdown
-links the same images by relative path. Contents: the recipe's summary, metrics tables of the
-evaluations found (``RUN/eval*/metrics.json`` or the folders given), the loss curves from
-``log.csv`` (matplotlib when importable, else an inline SVG drawn here), and the latest
-conditional and unconditional sample grids and turntable.
+links the same images by relative path. Contents: the step trained to (the newest intact
+checkpoint's), the recipe's summary, metrics tables of the evaluations found
+(``RUN/eval*/metrics.json`` or the folders given; fidelity to the input among them), the loss
+curves from ``log.csv`` (matplotlib when importable, else an inline SVG drawn here), and the
+latest conditional and unconditional sample grids and turntable.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from ..core.checkpoint import load_checkpoint, run_checkpoints
 from ..core.errors import DataError
 from .evaluation import markdown_table, summary_table
 
@@ -73,6 +75,20 @@ def latest_samples(run: Path) -> dict[str, Path]:
             if kind not in found or step > found[kind][0]:
                 found[kind] = (step, p)
     return {k: found[k][1] for k in ("conditional", "unconditional", "turntable") if k in found}
+
+
+def trained_steps(run: Path, series: dict) -> tuple[int | None, str]:
+    """The step the run has trained to, and where that is read: its newest intact checkpoint
+    (log.csv rows come every train.log_every steps, so the log's last row may be short of it),
+    else the log's last step; (None, "") when neither is there."""
+    if run_checkpoints(run) or (run / "checkpoints" / "last.pt").is_file():
+        try:
+            state = load_checkpoint(run)
+            return int(state["step"]), f"checkpoints/{Path(state['path']).name}"
+        except DataError:
+            pass
+    logged = max((p[0] for pts in series.values() for p in pts), default=None)
+    return (None, "") if logged is None else (int(logged), "log.csv")
 
 
 def find_evals(run: Path, given: list[Path] | None) -> list[Path]:
@@ -204,8 +220,8 @@ def write_report(run_dir: str | Path, eval_dirs: list[Path] | None = None, *, us
         files["loss_plot"] = run / "report_loss.svg"
         files["loss_plot"].write_text(svg)
 
-    steps = max((p[0] for pts in series.values() for p in pts), default=None)
-    head = f"Run directory: {run.resolve()}" + (f"; trained {steps:g} steps" if steps is not None else "")
+    steps, where = trained_steps(run, series)
+    head = f"Run directory: {run.resolve()}" + (f"; trained {steps} step{'' if steps == 1 else 's'} ({where})" if steps is not None else "")
     html_parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vsd report: {html.escape(name)}</title>",
                   f"<style>{STYLE}</style></head><body><h1>vsd report: {html.escape(name)}</h1><p class='note'>{html.escape(head)}</p>"]
     md = [f"# vsd report: {name}", "", head, ""]

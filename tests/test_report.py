@@ -55,6 +55,38 @@ def test_report_html_embeds_images_and_tables(run_dir):
     assert (run_dir / "report_loss.png").stat().st_size > 0
 
 
+def test_report_embeds_the_newest_samples_and_turntable_byte_for_byte(run_dir):
+    page = write_report(run_dir)["html"].read_text()
+    embedded = [data for _, data in _data_uris(page)]
+    for name in ("step_000002_cond.png", "step_000002_uncond.png", "step_000002_turntable.gif"):
+        assert (run_dir / "samples" / name).read_bytes() in embedded, name
+    md = (run_dir / "report.md").read_text()
+    assert "](samples/step_000002_uncond.png)" in md and "](samples/step_000002_turntable.gif)" in md
+
+
+def test_report_shows_the_fidelity_metrics_of_the_evaluation(run_dir):
+    import json
+
+    files = write_report(run_dir)
+    fid = json.loads((run_dir / "eval_test_cond1" / "metrics.json").read_text())["groups"]["all"]["fidelity"]
+    psnr = f"{fid['input_view_psnr']:.2f}"
+    page, md = files["html"].read_text(), files["markdown"].read_text()
+    assert "Fidelity to the input" in page and "<th>input-view PSNR</th>" in page and f"<td>{psnr}</td>" in page
+    assert "### Fidelity to the input" in md and "input-view PSNR" in md and f"| {psnr} |" in md
+
+
+def test_report_step_is_the_newest_checkpoints(run_dir, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(run_dir, run)
+    log = run / "log.csv"
+    log.write_text("\n".join(log.read_text().splitlines()[:2]) + "\n")  # logged only up to step 1
+    head = lambda: write_report(run)["markdown"].read_text().splitlines()[2]  # noqa: E731
+    assert head().endswith("; trained 2 steps (checkpoints/step_00000002.pt)")
+    assert "trained 2 steps" in (run / "report.html").read_text()
+    shutil.rmtree(run / "checkpoints")  # no checkpoint: the log's last step
+    assert head().endswith("; trained 1 step (log.csv)")
+
+
 def test_loss_curve_falls_back_to_inline_svg(run_dir, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(run_dir, run)
