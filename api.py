@@ -7,6 +7,10 @@
 
 The ``vsd-run sample`` and ``vsd-run export`` commands call this same API. :class:`Pipeline` and
 :class:`Result` live in :mod:`vsd.apps.pipeline`, the shipped models in :mod:`vsd.apps.pretrained`.
+
+``reconstruct`` and ``generate`` show the sampler's progress on stderr (a bar on a terminal, a
+line every 30 s elsewhere, ``$VSD_PROGRESS_INTERVAL`` seconds if set), and so does rendering a
+turntable of their result; pass ``progress=False`` for none.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from ..core.cameras import Cameras
 from ..core.errors import VsdError
+from ..core.progress import Progress
 from .metrics import foreground_colour, masked_psnr, masked_ssim, psnr, ssim
 
 LPIPS_ENV = "VSD_LPIPS_WEIGHTS"
@@ -542,7 +543,7 @@ def _evaluate(model, dataset, out: Path, cfg: EvalConfig, *, checkpoint: dict | 
     features = RandomConvFeatures().to(dev) if uncond else None
     todo = [i for i in range(n_obj) if i not in rows]
     gallery = build_gallery(dataset, n_obj, cfg.cond_views, model.background(1, dev)[0], dev) if todo and not uncond else None
-    with _progress(quiet, len(todo), n_obj - len(todo)) as advance:
+    with Progress("eval", n_obj, unit="objects", done=n_obj - len(todo), quiet=quiet or not todo) as bar:
         for i in todo:
             row = evaluate_object(model, dataset, i, cfg, features=features, lpips_net=lpips_net, gallery=gallery)
             if "_features" in row:
@@ -550,25 +551,11 @@ def _evaluate(model, dataset, out: Path, cfg: EvalConfig, *, checkpoint: dict | 
             row["lpips"] = lpips_status
             _append(out / RESULTS, row)
             rows[i] = row
-            advance()
+            bar.advance()
     done = [rows[i] for i in range(n_obj)]
     summary = summarize(done, fp, lpips_status, out)
     write_outputs(out, summary, done)
     return summary
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool, total: int, already: int):
-    if quiet or total == 0:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
-    with bar:
-        task = bar.add_task("eval", total=total + already, completed=already)
-        yield lambda: bar.advance(task)
 
 
 # ---- summaries -----------------------------------------------------------------------------

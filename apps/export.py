@@ -18,6 +18,7 @@ from torch import Tensor
 from ..core.contracts import Field, Mesh
 from ..core.errors import EmptyMeshError
 from ..core.files import temp_beside
+from ..core.progress import Progress
 
 FORMATS = ("glb", "ply", "obj")
 
@@ -117,10 +118,17 @@ def mesh_to_trimesh(mesh: Mesh):
     return out
 
 
-def scene_to_meshes(scene, resolution: int = 64, threshold: float | None = None, min_component_ratio: float = 0.0) -> list:
-    """A representation's output (a Field of B objects, or a list of B Mesh) -> B trimesh meshes."""
+def scene_to_meshes(scene, resolution: int = 64, threshold: float | None = None, min_component_ratio: float = 0.0, *,
+                    progress: bool = False) -> list:  # fmt: skip
+    """A representation's output (a Field of B objects, or a list of B Mesh) -> B trimesh meshes;
+    ``progress``: show the fields meshed on stderr."""
     if isinstance(scene, Field):
-        return [field_to_mesh(scene, b, resolution, threshold, min_component_ratio) for b in range(scene.batch_size)]
+        meshes = []
+        with Progress(f"meshing ({resolution}^3 grid)", scene.batch_size, unit="objects", quiet=not progress) as bar:
+            for b in range(scene.batch_size):
+                meshes.append(field_to_mesh(scene, b, resolution, threshold, min_component_ratio))
+                bar.advance()
+        return meshes
     if isinstance(scene, (list, tuple)) and all(isinstance(m, Mesh) for m in scene):
         return [mesh_to_trimesh(m) for m in scene]
     raise TypeError(f"cannot export a {type(scene).__name__}: expected a Field or a list of Mesh")

@@ -1,7 +1,9 @@
 """The sampling pipeline behind the Python API (:mod:`vsd.api`): a trained model that
 reconstructs an object from images or generates one, and the sampled objects it returns.
 
-The ``vsd-run sample`` and ``vsd-run export`` commands call this same API.
+The ``vsd-run sample`` and ``vsd-run export`` commands call this same API. Sampling shows its
+progress on stderr (a bar on a terminal, a line every 30 s elsewhere; see :mod:`vsd.core.progress`)
+unless ``progress=False`` is passed.
 """
 
 from __future__ import annotations
@@ -16,30 +18,37 @@ from torch import Tensor
 from ..core.cameras import Cameras, spherical_to_cartesian
 from ..core.engine import ViewsetDiffusion
 from ..core.errors import DataError
+from ..core.progress import Progress
 
 
 @dataclass
 class Result:
     """Sampled objects. ``views``: (N, V, 3, H, W) in [0, 1] renders at ``cameras`` (N, V);
-    ``scene``: the N 3D objects (a Field, or a list of N Mesh)."""
+    ``scene``: the N 3D objects (a Field, or a list of N Mesh); ``progress``: whether
+    :meth:`turntable` shows its rendering on stderr."""
 
     pipeline: "Pipeline"
     scene: object
     views: Tensor
     cameras: Cameras
+    progress: bool = True
 
     def __len__(self) -> int:
         return self.views.shape[0]
 
-    def render(self, cameras: Cameras) -> Tensor:
-        """Render every object at ``cameras`` ((V,) shared, or (N, V)) -> (N, V, 3, H, W) in [0, 1]."""
+    def render(self, cameras: Cameras, *, progress: bool = False) -> Tensor:
+        """Render every object at ``cameras`` ((V,) shared, or (N, V)) -> (N, V, 3, H, W) in [0, 1];
+        ``progress``: show the views rendered on stderr."""
         N = len(self)
         if len(cameras.shape) == 1:
             V = cameras.shape[0]
             cameras = Cameras(cameras.c2w[None].expand(N, V, 4, 4), cameras.K[None].expand(N, V, 4), cameras.height, cameras.width)
         cameras = cameras.to(self.pipeline.device)
-        with torch.no_grad():
-            out = [self.pipeline.model.render(self.scene, cameras[:, i : i + 8])["rgb"] for i in range(0, cameras.shape[1], 8)]
+        V, out = cameras.shape[1], []
+        with torch.no_grad(), Progress(f"rendering {N} object{'s' * (N != 1)}", V, unit="views", quiet=not progress) as bar:
+            for i in range(0, V, 8):
+                out.append(self.pipeline.model.render(self.scene, cameras[:, i : i + 8])["rgb"])
+                bar.update(min(i + 8, V))
         return torch.cat(out, 1).cpu()
 
     def turntable(self, path: str | Path, frames: int | None = None, size: int | None = None, elevation: float | None = None) -> list[Path]:
@@ -49,7 +58,7 @@ class Result:
 
         s = self.pipeline.model.recipe.sample
         cams = self.pipeline.orbit(frames or s.turntable_frames, elevation=s.turntable_elevation if elevation is None else elevation, size=size)
-        video = self.render(cams)  # (N, F, 3, S, S)
+        video = self.render(cams, progress=self.progress)  # (N, F, 3, S, S)
         return save_video(torch.cat(list(video), dim=-1), path, upscale=2)
 
     def save_views(self, path: str | Path) -> Path:
@@ -123,6 +132,7 @@ class Pipeline:
         seed: int = 0,
         guidance: float | None = None,
         elevation: float = 0.0,
+        progress: bool = True,
     ) -> Result:
         """Sample ``num_samples`` objects consistent with the conditioning image(s).
 
@@ -131,6 +141,8 @@ class Pipeline:
             the others where the new views are sampled; default: the first image seen from the
             front (azimuth 0) at ``elevation``, the other views evenly around it.
         views: views per sampled viewset (default: as in training, or all given cameras; at least k + 1).
+        progress: show the sampler's steps on stderr as they go (a bar on a terminal, a line every
+            30 s or ``$VSD_PROGRESS_INTERVAL`` elsewhere); False: nothing.
         Returns a :class:`Result` whose first k views are renders at the conditioning cameras.
         """
         cond = self._images(images).to(self.device)
@@ -143,17 +155,25 @@ class Pipeline:
         if cameras is not None:
             cameras = cameras.resized(self.image_size, self.image_size)
             ring = Cameras(torch.cat([cameras.c2w, ring.c2w[given:]]), torch.cat([cameras.K, ring.K[given:]]), self.image_size, self.image_size)
-        return self._sample(ring, cond, num_samples, steps, seed, guidance)
+        return self._sample(ring, cond, num_samples, steps, seed, guidance, "reconstruct" if progress else None)
 
-    def generate(self, n: int = 4, *, views: int | None = None, steps: int | None = None, seed: int = 0, elevation: float = 0.0) -> Result:
-        """Sample ``n`` objects unconditionally."""
+    def generate(
+        self, n: int = 4, *, views: int | None = None, steps: int | None = None, seed: int = 0, elevation: float = 0.0,
+        progress: bool = True,
+    ) -> Result:  # fmt: skip
+        """Sample ``n`` objects unconditionally; ``progress`` as in :meth:`reconstruct`."""
         ring = self.orbit(views or self.default_views, elevation=elevation, size=self.image_size)
-        return self._sample(ring, None, n, steps, seed, None)
+        return self._sample(ring, None, n, steps, seed, None, "generate" if progress else None)
 
-    def _sample(self, ring: Cameras, cond: Tensor | None, n: int, steps, seed: int, guidance) -> Result:
+    def _sample(self, ring: Cameras, cond: Tensor | None, n: int, steps, seed: int, guidance, shown: str | None) -> Result:
+        """``shown``: the name the progress goes by (None: no progress)."""
         V = ring.shape[0]
         cams = Cameras(ring.c2w[None].expand(n, V, 4, 4), ring.K[None].expand(n, V, 4), ring.height, ring.width).to(self.device)
         cond_b = None if cond is None else cond[None].expand(n, *cond.shape)
         gen = torch.Generator().manual_seed(seed)
-        pred = self.model.sample(cams, cond_b, steps=steps, guidance=guidance, generator=gen)
-        return Result(self, pred.scene, ((pred.x0 + 1) / 2).clamp(0, 1).cpu(), cams.to("cpu"))
+        r = self.model.recipe
+        quiet = shown is None or r.train.deterministic  # a deterministic model samples in one pass
+        what = f"{shown} ({n} sample{'s' * (n != 1)})"
+        with Progress(what, steps or r.diffusion.sampling_steps, quiet=quiet) as bar:
+            pred = self.model.sample(cams, cond_b, steps=steps, guidance=guidance, generator=gen, progress=bar.callback())
+        return Result(self, pred.scene, ((pred.x0 + 1) / 2).clamp(0, 1).cpu(), cams.to("cpu"), progress=shown is not None)

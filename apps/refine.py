@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..core.cameras import Cameras
 from ..core.contracts import Field
 from ..core.engine import ViewsetDiffusion
+from ..core.progress import Progress
 from ..core.settings import Settings
 from ..renderers.volume import VolumeRenderer
 from ..representations.hash_grid import density_from_raw, free_hash_encoding
@@ -213,16 +214,24 @@ def refine_to_files(
     mesh_resolution: int = 128,
     threshold: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    quiet: bool = False,
 ) -> dict:
     """Sample one object (conditioned on ``input_image`` or not), refine it, and write
     views.png (targets above refined renders), turntable.gif and a mesh. Returns the files and
-    the photometric loss before and after."""
+    the photometric loss before and after. The sampling and the refinement show their progress
+    on stderr unless ``quiet``; ``progress(i, n)`` is called after each refinement step too."""
     s = settings or RefineSettings()
     out = Path(out_dir)
     from .sampling import sample
 
-    pred = sample(model, input_image=input_image, num_samples=1, seed=seed, steps=sample_steps, guidance=guidance)
-    result = refine_scene(model, pred.scene, s, generator=torch.Generator().manual_seed(seed), progress=progress)
+    pred = sample(model, input_image=input_image, num_samples=1, seed=seed, steps=sample_steps, guidance=guidance, progress=not quiet)
+    with Progress("refine", s.steps, quiet=quiet) as bar:
+        def step_done(i: int, n: int) -> None:
+            bar.update(i, total=n)
+            if progress is not None:
+                progress(i, n)
+
+        result = refine_scene(model, pred.scene, s, generator=torch.Generator().manual_seed(seed), progress=step_done)
     renderer = VolumeRenderer(VolumeRenderer.Settings(samples=s.samples, implementation="torch")).to(result.field.device).eval()
     bg = model.background(1, result.field.device)
     shown = result.cameras[:, : min(8, result.cameras.shape[1])]

@@ -76,22 +76,27 @@ def sample_to_files(
     steps: int | None = None,
     guidance: float | None = None,
     elevation: float = 0.0,
+    progress: bool = True,
 ) -> dict:
     """Draw ``num_samples`` viewsets (conditioned on ``input_image`` seen from the front, or
-    unconditional) and write their views as a PNG grid and their 3D objects as turntables."""
-    result = sample(model, input_image=input_image, num_samples=num_samples, views=views, seed=seed, steps=steps, guidance=guidance, elevation=elevation)
+    unconditional) and write their views as a PNG grid and their 3D objects as turntables.
+    ``progress``: show the sampling and the turntable's rendering on stderr as they go."""
+    result = sample(model, input_image=input_image, num_samples=num_samples, views=views, seed=seed, steps=steps, guidance=guidance,
+                    elevation=elevation, progress=progress)  # fmt: skip
     out = Path(out_dir)
     return {"views": result.save_views(out / "samples.png"), "turntable": result.turntable(out / "turntable.gif")}
 
 
-def sample(model: ViewsetDiffusion, *, input_image=None, num_samples: int = 4, views=None, seed: int = 0, steps=None, guidance=None, elevation: float = 0.0):
+def sample(model: ViewsetDiffusion, *, input_image=None, num_samples: int = 4, views=None, seed: int = 0, steps=None, guidance=None,
+           elevation: float = 0.0, progress: bool = True):  # fmt: skip
     """One entry for the CLI commands: a :class:`vsd.api.Result` from the Python API."""
     from .pipeline import Pipeline
 
     pipe = Pipeline(model)
     if input_image is None:
-        return pipe.generate(num_samples, views=views, steps=steps, seed=seed, elevation=elevation)
-    return pipe.reconstruct(input_image, num_samples=num_samples, views=views, steps=steps, seed=seed, guidance=guidance, elevation=elevation)
+        return pipe.generate(num_samples, views=views, steps=steps, seed=seed, elevation=elevation, progress=progress)
+    return pipe.reconstruct(input_image, num_samples=num_samples, views=views, steps=steps, seed=seed, guidance=guidance,
+                            elevation=elevation, progress=progress)  # fmt: skip
 
 
 def export_to_files(
@@ -107,12 +112,14 @@ def export_to_files(
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
+    progress: bool = True,
 ) -> list[Path]:
-    """Sample ``num_samples`` objects and write one mesh each, ``sample_<i>.<format>``."""
+    """Sample ``num_samples`` objects and write one mesh each, ``sample_<i>.<format>``;
+    ``progress``: show the sampling and the meshing on stderr as they go."""
     if format not in FORMATS:
         raise ValueError(f"unknown mesh format {format!r}: choose one of {', '.join(FORMATS)}")
-    result = sample(model, input_image=input_image, num_samples=num_samples, seed=seed, steps=steps, guidance=guidance)
-    meshes = scene_to_meshes(result.scene, resolution, threshold, min_component_ratio)
+    result = sample(model, input_image=input_image, num_samples=num_samples, seed=seed, steps=steps, guidance=guidance, progress=progress)
+    meshes = scene_to_meshes(result.scene, resolution, threshold, min_component_ratio, progress=progress)
     out = Path(out_dir)
     for i, m in enumerate(meshes):  # refuse before writing any: an empty mesh is not a result
         if len(m.faces) == 0:

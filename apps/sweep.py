@@ -90,6 +90,7 @@ import yaml
 from pydantic import Field
 
 from ..core.errors import RecipeError, VsdError
+from ..core.progress import Progress
 from ..core.settings import Settings
 
 STATES = ("pending", "running", "done", "failed")
@@ -620,8 +621,11 @@ EXECUTORS = {"local": run_local, "ray": run_ray}
 
 # ---- the sweep -----------------------------------------------------------------------------
 def run_sweep(sweep: Sweep, *, workers: int = 1, executor: Literal["local", "ray"] = "local", threads: int | None = None,
-              log: Callable[[str], None] = print) -> list[dict]:
-    """Plan, run what is left and write the results; returns results.csv's rows."""
+              log: Callable[[str], None] = print, quiet: bool = False) -> list[dict]:
+    """Plan, run what is left and write the results; returns results.csv's rows.
+
+    ``log`` gets a line as each run starts and ends; unless ``quiet``, a progress of the runs
+    done (of all the sweep's runs) shows the rate and the time left."""
     if executor not in EXECUTORS:
         raise VsdError(f"unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}")
     jobs = plan(sweep)
@@ -643,9 +647,11 @@ def run_sweep(sweep: Sweep, *, workers: int = 1, executor: Literal["local", "ray
         tail = f"{sweep.metric} {value:.4g}" if isinstance(value, float) else (error[0][:300] if error else "")
         log(f"[{next(counter)}/{len(jobs)}] {st['state']} {job.name}: {tail}")
         write_results(sweep, plot=False)
+        bar.advance()
 
+    bar = Progress(f"sweep {sweep.name}", len(sweep.runs), unit="runs", done=skipped, quiet=quiet or not jobs)
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(), bar:
             if jobs:
                 EXECUTORS[executor](jobs, max(1, workers), threads, on_start, on_end)
     finally:

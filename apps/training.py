@@ -24,6 +24,7 @@ from ..core import distributed
 from ..core.checkpoint import info_to_dict, load_checkpoint, save_run_checkpoint
 from ..core.engine import ViewsetDiffusion
 from ..core.errors import DataError, RecipeError, VsdError
+from ..core.progress import Progress
 from ..core.recipe import Recipe
 from ..core.runlock import RunLock
 from ..core.viewset import Viewset, collate_viewsets
@@ -139,7 +140,7 @@ def write_samples(model: ViewsetDiffusion, batch: Viewset, out_dir: Path, tag: s
     if turntable:
         from .pipeline import Pipeline, Result
 
-        result = Result(Pipeline(model), cond.scene, (cond.x0 + 1) / 2, batch.cameras)
+        result = Result(Pipeline(model), cond.scene, (cond.x0 + 1) / 2, batch.cameras, progress=False)
         files["turntable"] = result.turntable(out_dir / f"{tag}_turntable.gif")
     return files
 
@@ -188,7 +189,7 @@ class Trainer:
         if self.dist.is_main:
             from ..datatools.prepare import ensure_dataset
 
-            ensure_dataset(recipe)
+            ensure_dataset(recipe, quiet=quiet)
         distributed.barrier(self.dist)
         self.train_set = build_dataset(recipe, "train")
         self.val_set = build_dataset(recipe, "val")
@@ -364,7 +365,7 @@ class Trainer:
     def _train(self) -> dict:
         tr = self.recipe.train
         stop = _StopRequest()
-        with stop, _RunLog(self, tr) as log, _Progress(tr.steps, self.step, self.quiet) as bar:
+        with stop, _RunLog(self, tr) as log, Progress("train", tr.steps, done=self.step, quiet=self.quiet) as bar:
             t0, s0, last = time.perf_counter(), self.step, {}
             deadline = t0 + 60 * tr.max_minutes if tr.max_minutes else math.inf
             while self.step < tr.steps and time.perf_counter() < deadline and not stop.requested:
@@ -372,7 +373,7 @@ class Trainer:
                 if last.get("skipped"):
                     continue
                 rate = (self.step - s0) / max(1e-9, time.perf_counter() - t0)
-                bar.update(self.step, last["loss"], rate)
+                bar.update(self.step, loss=last["loss"])
                 if self.step % tr.log_every == 0 or self.step == tr.steps:
                     log.row(self.step, self.lr_at(self.step - 1), rate, time.perf_counter() - t0, last)
                 if self.step % tr.checkpoint_every == 0:
@@ -455,41 +456,3 @@ class _RunLog:
             self.fh.close()
         if self.tb is not None:
             self.tb.close()
-
-
-class _Progress:
-    """A rich progress bar on a terminal; plain log lines otherwise (CI, files)."""
-
-    def __init__(self, total: int, start: int, quiet: bool):
-        self.total, self.quiet = total, quiet
-        self.tty = sys.stderr.isatty()
-        self.bar = None
-        self.next_line = start
-
-    def __enter__(self):
-        if self.quiet:
-            return self
-        if self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-                TextColumn("{task.fields[rate]:.2f} steps/s"), TimeRemainingColumn(),
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=self.total, completed=self.next_line, loss=math.nan, rate=0.0)
-        return self
-
-    def update(self, step: int, loss: float, rate: float) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss, rate=rate)
-        elif step >= self.next_line or step == self.total:
-            eta = (self.total - step) / rate if rate > 0 else math.nan
-            print(f"train {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  eta {eta:.0f}s", file=sys.stderr, flush=True)
-            self.next_line = step + max(1, self.total // 20)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         """Sample one object, fit a free hash grid to its renders, write a turntable and a mesh."""
         from pydantic import ValidationError
 
-        from .console import err, out
+        from .console import out
         from ..core.errors import VsdError
         from ..apps.export import FORMATS
         from ..apps.refine import RefineSettings, refine_to_files
@@ -54,14 +54,9 @@ def register(app: typer.Typer) -> None:
             raise VsdError(f"refine settings: {bad}") from None
         out_dir = output_folder(out_dir, Path("refined"), default_name(checkpoint, input), overwrite)
         model = load_model(checkpoint, notice=True)
-
-        def progress(i: int, n: int) -> None:
-            if not quiet and (i == n or i % max(1, n // 10) == 0):
-                err.print(f"refine step {i}/{n}")
-
         result = refine_to_files(
             model, out_dir, settings, input_image=input, seed=seed, sample_steps=sample_steps, guidance=guidance,
-            mesh_format=format.lower(), mesh_resolution=resolution, threshold=threshold, progress=progress,
+            mesh_format=format.lower(), mesh_resolution=resolution, threshold=threshold, quiet=quiet,
         )
         out.print(f"photometric mse: {result['loss_before']:.5f} -> {result['loss_after']:.5f}")
         print_written(result["files"], out_dir)

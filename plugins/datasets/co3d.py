@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,6 +40,7 @@ from pydantic import field_validator
 from torch import Tensor
 
 from ...core.errors import DataError
+from ...core.progress import Progress
 from ...core.settings import Seed, Settings as BaseSettings
 from ...core.contracts import SPLITS, SceneInfo, ViewsetDataset
 
@@ -493,12 +493,12 @@ class CO3DDataset(ViewsetDataset):
         todo = [n for n in wanted if n not in index["built"] or not self._files(n)[0].is_file()]
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         point_clouds = self._point_cloud_paths()
-        with _progress(f"co3d {self.settings.category} {self.split}: caching", len(todo)) as advance:
+        with Progress(f"co3d {self.settings.category} {self.split}: caching", len(todo), unit="sequences", quiet=not todo) as bar:
             for name in todo:
                 self._build_sequence(name, frames[name], selected[name], point_clouds.get(name))
                 index["built"] = sorted(set(index["built"]) | {name})
                 _write_atomic(index_path, json.dumps(index).encode())
-                advance()
+                bar.advance()
         _write_atomic(index_path, json.dumps(index).encode())
         return wanted
 
@@ -642,28 +642,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-class _progress:
-    """A rich progress bar on a terminal, nothing otherwise; ``with ... as advance: advance()``."""
-
-    def __init__(self, title: str, total: int):
-        self.title, self.total, self.bar = title, total, None
-
-    def __enter__(self):
-        if self.total == 0 or not sys.stderr.isatty():
-            return lambda: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn(self.title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True))
-        self.bar.start()
-        task = self.bar.add_task(self.title, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # ---- checking a folder --------------------------------------------------------------------------
