@@ -68,6 +68,10 @@ def render_meshes(
         views=views, size=size, radius=radius, fov_deg=fov, shading=shading, supersample=supersample, up=up,
         prefix=prefix, seed=seed,
     )  # fmt: skip
+    from ..datatools.storage import notice, size_text, srn_bytes
+
+    notice(f"rendering {len(jobs)} meshes into {out_root} ({size_text(srn_bytes(len(jobs), views, size, 0.5))}: "
+           f"{views} views of {size} px each; objects already finished there are skipped)")  # fmt: skip
     stats = render_jobs(jobs, out_root, config, workers=workers)
     objects = {s: sum(j.split == s for j in jobs) for s in SPLITS if any(j.split == s for j in jobs)}
     _summary(
@@ -99,7 +103,7 @@ def cars(
         stats["objects"],
         stats["views"],
         {
-            "fetch + extract": f"{stats['fetch_seconds']:.1f} s (cached in {root / '.cache'})",
+            "fetch + extract": f"{stats['fetch_seconds']:.1f} s (package cached in {stats['cache']})",
             "rendered now": f"{stats['rendered']} objects, {stats['views_rendered']} views, {stats['seconds']:.1f} s wall",
             "render time per view": f"{per_view:.3f} s (one process)" if per_view else "- (nothing rendered)",
             "skipped (already complete)": str(stats["skipped"]),

@@ -1,7 +1,8 @@
 """Minens characters with skins composed from the minetest "character creator" layers.
 
-The Debian package ``minetest-mod-character-creator`` (fetched, never installed; cached in
-``ROOT/.cache``) ships 64 x 32 RGBA layers ``textures/cc_*.png``: skin tones, faces (per race,
+The Debian package ``minetest-mod-character-creator`` (fetched, never installed; 81 KiB, kept in
+the download cache :func:`.storage.cache_dir`, its layers extracted there while the characters
+are made and deleted afterwards) ships 64 x 32 RGBA layers ``textures/cc_*.png``: skin tones, faces (per race,
 tone and gender), eyes, hair (per style, colour and gender), tops (t-shirts, vests, shirts),
 trousers and shoes. A skin is one pick per category, alpha-composited bottom to top in the order
 of the mod's ``get_texture`` (read from its ``init.lua``; skin < face < eyes < hair < tshirt <
@@ -21,6 +22,7 @@ character at random (:class:`.minens.Pose`) and renders its views with the Minen
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,11 +33,13 @@ from PIL import Image
 from torch import Tensor
 
 from ..core.errors import DataError
+from ..core.progress import Progress
 from ..plugins.datasets.boxes import render_boxes
 from ..plugins.datasets.minens import Pose, character_boxes, sample_cameras
 from ..plugins.datasets.skins import SKIN_HEIGHT, SKIN_WIDTH, save_skin
-from .debian import extract_deb, fetch_deb
+from .debian import cached_deb, deb_info, extract_deb, fetch_deb
 from .meshes import object_complete
+from .storage import adopt_legacy_cache, cache_dir, notice, remove_legacy_extracted, size_text, srn_bytes
 
 PACKAGE = "minetest-mod-character-creator"
 MOD_DIR = "usr/share/games/minetest/mods/character_creator"
@@ -43,6 +47,8 @@ DEFAULT_ORDER = ("skin", "face", "eyes", "hair", "tshirt", "pants", "shoes")
 PREFIX = "minens"
 ELEVATION = (-20.0, 50.0)  # degrees, as MinensDataset's default
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+PACKAGE_BYTES = 83_332  # version 1.2, when the package lists cannot tell
+PNG_BYTES_PER_PIXEL = 0.8  # measured on 48 px characters
 
 
 def stacking_order(init_lua: str) -> tuple[str, ...]:
@@ -151,14 +157,14 @@ def compose(folder: str | Path, files: list[str]) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
-def layer_folder(cache: Path) -> Path:
+def layer_folder(cache: Path, *, quiet: bool = True) -> Path:
     """The extracted mod folder (textures/ and init.lua) in ``cache``, fetched once."""
     mod = cache / "character_creator" / MOD_DIR
     if (mod / "init.lua").is_file() and any((mod / "textures").glob("cc_*.png")):
         return mod
     alternatives = "use procedural skins (MinensDataset's default `skins: procedural`)."
-    deb = fetch_deb(PACKAGE, cache, alternatives)
-    extract_deb(deb, cache / "character_creator", [f"{MOD_DIR}/init.lua", f"{MOD_DIR}/textures/cc_*.png"])
+    deb = fetch_deb(PACKAGE, cache, alternatives, quiet=quiet)
+    extract_deb(deb, cache / "character_creator", [f"{MOD_DIR}/init.lua", f"{MOD_DIR}/textures/cc_*.png"], quiet=quiet)
     if not (mod / "init.lua").is_file():
         raise DataError(f"{deb}: no {MOD_DIR}/init.lua in the package")
     return mod
@@ -224,22 +230,44 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # processes beat threads for many small renders, above all on a busy machine
 
 
+def announce(root: Path, cache: Path, objects: int, views: int, size: int, quiet: bool = False) -> None:
+    """Say what making the characters will download and write, before any of it happens."""
+    deb = cached_deb(PACKAGE, cache)
+    if deb is not None:
+        fetch = f"using the skin layers package {deb.name} cached in {cache}"
+    else:
+        info = deb_info(PACKAGE)
+        fetch = (f"downloading the skin layers package {PACKAGE} ({size_text(info.size if info else PACKAGE_BYTES)}) "
+                 f"into {cache}, where it stays for later runs (VSD_CACHE_DIR sets another folder)")  # fmt: skip
+    data = srn_bytes(objects, views, size, PNG_BYTES_PER_PIXEL, extra_files=2)  # character.txt, the skin
+    notice(f"{fetch}; the characters take {size_text(data)} in {root} ({objects} objects x {views} views of {size} px)", quiet)
+
+
 def build_minens(
     root: str | Path, *, objects: int = 1000, views: int = 24, size: int = 48, seed: int = 0, workers: int = 1,
-    progress: bool = True, layers: str | Path | None = None,
+    progress: bool = True, layers: str | Path | None = None, cache: str | Path | None = None,
 ) -> dict:  # fmt: skip
-    """Compose skins, render the characters into ``root`` (resumable) and write the skins,
-    ``workers`` processes at a time.
+    """Compose skins, render the characters into ``root`` (resumable: finished characters are
+    not rendered again) and write the skins, ``workers`` processes at a time.
 
     ``layers``: a folder holding ``init.lua`` and ``textures/`` to use instead of the package.
+    ``cache``: where the package is kept (default :func:`.storage.cache_dir`). ``progress``: say
+    beforehand what will be downloaded and written, and show the characters as they are made.
     Returns objects / views per split, ``skins``, ``order``, ``rendered``, ``seconds``, ``bytes``.
     """
     import multiprocessing as mp
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     root = Path(root)
-    mod = Path(layers) if layers is not None else layer_folder(root / ".cache")
+    quiet = not progress
+    if layers is not None:
+        mod = Path(layers)
+        notice(f"the characters take {size_text(srn_bytes(objects, views, size, PNG_BYTES_PER_PIXEL, extra_files=2))} in {root}", quiet)
+    else:
+        cache = Path(cache) if cache is not None else cache_dir()
+        adopt_legacy_cache(root, cache, f"{PACKAGE}_*.deb", quiet)
+        remove_legacy_extracted(root, "character_creator")
+        announce(root, cache, objects, views, size, quiet)
+        mod = layer_folder(cache, quiet=quiet)
     order = stacking_order((mod / "init.lua").read_text(errors="replace"))
     catalogue = LayerCatalogue(mod / "textures")
     sizes = split_sizes(objects)
@@ -252,23 +280,23 @@ def build_minens(
             layer_files = tuple(choice.files()[c] for c in order)
             tasks.append(_Character(str(root), str(mod / "textures"), layer_files, choice, split, i, views, size, seed))
     start, rendered = time.perf_counter(), 0
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     pool = mp.get_context("spawn").Pool(workers, initializer=_one_thread) if workers > 1 else None
     threads = torch.get_num_threads()
     try:
         if pool is None:
             _one_thread()
         results = pool.imap_unordered(_make_character, tasks, chunksize=4) if pool else map(_make_character, tasks)
-        with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task(f"characters into {root}", total=len(tasks))
+        with Progress(f"characters into {root}", len(tasks), unit="characters", quiet=quiet) as bar:
             for done in results:
                 rendered += int(done)
-                bar.update(task, advance=1)
+                bar.advance(rendered=rendered)
     finally:
         torch.set_num_threads(threads)
         if pool is not None:
             pool.terminate()
             pool.join()
+    if layers is None:
+        shutil.rmtree(cache / "character_creator", ignore_errors=True)  # extracted again from the package when needed
     folders = [root / f"{PREFIX}_{s}" for s in sizes] + [root / "skins"]
     return {
         "objects": sizes,

@@ -49,6 +49,7 @@ from torch import Tensor
 from ..core.cameras import Cameras, spherical_to_cartesian
 from ..core.contracts import Mesh
 from ..core.errors import DataError
+from ..core.progress import Progress
 from .ac3d import read_ac3d
 
 TRIMESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".off", ".stl")
@@ -334,23 +335,17 @@ def _run(args: tuple[RenderJob, str, RenderConfig]) -> tuple[str, int, float]:
 def render_jobs(
     jobs: list[RenderJob], out: str | Path, config: RenderConfig, *, workers: int = 1, progress: bool = True
 ) -> dict:
-    """Render every job not already complete in ``out``, ``workers`` processes at a time.
+    """Render every job not already complete in ``out``, ``workers`` processes at a time,
+    showing the objects done (``progress=False``: not).
 
     Returns ``{"rendered": n objects, "skipped": n, "views_rendered": n,
     "seconds": wall time, "render_seconds": summed per-object time}``.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     out = Path(out)
     todo = [j for j in jobs if not object_complete(object_folder(out, j, config), config.views)]
     stats = {"rendered": 0, "skipped": len(jobs) - len(todo), "views_rendered": 0, "seconds": 0.0, "render_seconds": 0.0}
     start = time.perf_counter()
-    columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("objects"),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    )  # fmt: skip
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"rendering into {out}", total=len(jobs), completed=stats["skipped"], rate="")
+    with Progress(f"rendering into {out}", len(jobs), unit="objects", done=stats["skipped"], quiet=not progress) as bar:
         args = [(j, str(out), config) for j in todo]
         if workers <= 1 or len(todo) <= 1:
             results = map(_run, args)
@@ -364,7 +359,7 @@ def render_jobs(
                 stats["views_rendered"] += n
                 stats["render_seconds"] += seconds
                 rate = stats["views_rendered"] / max(time.perf_counter() - start, 1e-9)
-                bar.update(task, advance=1, rate=f"{rate:.1f} views/s")
+                bar.advance(**{"views/s": round(rate, 1)})
         finally:
             if pool is not None:
                 pool.terminate()

@@ -18,22 +18,24 @@ from typing import Callable
 
 from ..core.errors import RecipeError
 from .check import split_folders
+from .storage import notice
 
 
-def _torcs_cars(root: Path) -> None:
+def _torcs_cars(root: Path, quiet: bool = False) -> None:
     from .meshes import RenderConfig
     from .torcs import build_cars
 
-    build_cars(root, RenderConfig(shading=0.4), workers=2)
+    build_cars(root, RenderConfig(shading=0.4), workers=2, progress=not quiet)
 
 
-def _minens(root: Path) -> None:
+def _minens(root: Path, quiet: bool = False) -> None:
     from .character_creator import build_minens
 
-    build_minens(root)
+    build_minens(root, progress=not quiet)
 
 
-PREPARERS: dict[str, Callable[[Path], None]] = {
+# name -> preparer(root, quiet): ``quiet`` silences its notices and progress
+PREPARERS: dict[str, Callable[..., None]] = {
     "torcs-cars": _torcs_cars,
     "minens-character-creator": _minens,
 }
@@ -45,10 +47,11 @@ def _data_section(recipe) -> tuple[str, dict]:
     return getattr(recipe, "source", "<recipe>"), data if isinstance(data, dict) else {}
 
 
-def ensure_dataset(recipe) -> bool:
+def ensure_dataset(recipe, quiet: bool = False) -> bool:
     """Run the data section's preparer when its root has no split folders; True if it ran.
 
-    ``recipe`` is a validated :class:`~vsd.core.recipe.Recipe` (or its resolved mapping).
+    ``recipe`` is a validated :class:`~vsd.core.recipe.Recipe` (or its resolved mapping). The
+    preparer first says what it will download and write, then shows its progress (``quiet``: not).
     """
     source, data = _data_section(recipe)
     name = data.get("prepare")
@@ -60,5 +63,6 @@ def ensure_dataset(recipe) -> bool:
     root = Path(str(data.get("root", "")))
     if split_folders(root):
         return False
-    PREPARERS[name](root)
+    notice(f"{source}: data.root {root} holds no split folders yet; preparing it with `{name}` first", quiet)
+    PREPARERS[name](root, quiet=quiet)
     return True

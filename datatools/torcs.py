@@ -1,7 +1,8 @@
 """SRN-layout car viewsets from the TORCS racing game's cars (``vsd-run data cars ROOT``).
 
-The Debian package ``torcs-data`` (fetched, never installed; the ``.deb`` and the extracted car
-files are cached in ``ROOT/.cache``) holds 17 car bodies, ``cars/<car>/<car>.acc`` (AC3D) with
+The Debian package ``torcs-data`` (fetched, never installed: 318 MiB, kept in the download cache
+:func:`.storage.cache_dir`; its car files, 48 MiB, are extracted there while the cars are rendered
+and deleted afterwards) holds 17 car bodies, ``cars/<car>/<car>.acc`` (AC3D) with
 their textures ``<car>.rgb`` (SGI images), and 59 further liveries of some of them,
 ``drivers/<driver>/<n>/<car>.rgb``. Every (body, livery) pair is one object, named
 ``<car>__stock`` or ``<car>__<driver>-<n>``: 76 objects.
@@ -23,8 +24,9 @@ import time
 from pathlib import Path
 
 from ..core.errors import DataError
-from .debian import extract_deb, fetch_deb
-from .meshes import RenderConfig, RenderJob, render_jobs
+from .debian import cached_deb, deb_info, extract_deb, fetch_deb
+from .meshes import RenderConfig, RenderJob, object_complete, object_folder, render_jobs
+from .storage import adopt_legacy_cache, cache_dir, notice, remove_legacy_extracted, size_text, srn_bytes
 
 PACKAGE = "torcs-data"
 GAME_DIR = "usr/share/games/torcs"
@@ -34,17 +36,22 @@ ALTERNATIVES = (
     "cars release), or render meshes of your own with `vsd-run data render-meshes --meshes DIR --out ROOT`."
 )
 _PATTERNS = [f"{GAME_DIR}/cars/*/*.acc", f"{GAME_DIR}/cars/*/*.rgb", f"{GAME_DIR}/drivers/*/*/*.rgb"]
+# measured on torcs-data 1.3.7+dfsg-5, for the notice before anything is fetched
+PACKAGE_BYTES = 333_308_448  # when the package lists cannot tell
+EXTRACTED_BYTES = 50_801_411
+OBJECTS = 76
+PNG_BYTES_PER_PIXEL = 0.34  # shaded cars, 128 px
 
 
-def car_files(cache: Path) -> Path:
+def car_files(cache: Path, *, quiet: bool = True) -> Path:
     """The extracted TORCS game folder in ``cache``, fetching and extracting the package once."""
     game = cache / "torcs-data" / GAME_DIR
     marker = cache / "torcs-data" / ".complete"
     if marker.is_file():
         return game
-    deb = fetch_deb(PACKAGE, cache, ALTERNATIVES)
+    deb = fetch_deb(PACKAGE, cache, ALTERNATIVES, quiet=quiet)
     shutil.rmtree(cache / "torcs-data", ignore_errors=True)
-    extract_deb(deb, cache / "torcs-data", _PATTERNS)
+    extract_deb(deb, cache / "torcs-data", _PATTERNS, quiet=quiet)
     if not (game / "cars").is_dir():
         raise DataError(f"{deb}: no {GAME_DIR}/cars folder in the package")
     marker.write_text(deb.name + "\n")
@@ -80,22 +87,50 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def build_cars(
-    root: str | Path, config: RenderConfig | None = None, *, workers: int = 1, progress: bool = True
-) -> dict:
-    """Fetch, convert and render the TORCS cars into ``root`` (resumable).
+def announce(root: Path, cache: Path, config: RenderConfig, quiet: bool = False) -> None:
+    """Say what preparing the cars will download and write, before any of it happens."""
+    deb = cached_deb(PACKAGE, cache)
+    if deb is not None:
+        fetch = f"using the TORCS cars package {deb.name} cached in {cache}"
+    else:
+        info = deb_info(PACKAGE)
+        fetch = (f"downloading the TORCS cars package {PACKAGE} ({size_text(info.size if info else PACKAGE_BYTES)}) "
+                 f"into {cache}, where it stays for later runs (VSD_CACHE_DIR sets another folder)")  # fmt: skip
+    if not (cache / "torcs-data" / ".complete").is_file():
+        fetch += f"; its car files ({size_text(EXTRACTED_BYTES)}) are extracted there and deleted once the cars are rendered"
+    data = srn_bytes(OBJECTS, config.views, config.size, PNG_BYTES_PER_PIXEL)
+    notice(f"{fetch}; the prepared data takes {size_text(data)} in {root} ({OBJECTS} objects x {config.views} views of {config.size} px)", quiet)
 
+
+def build_cars(
+    root: str | Path, config: RenderConfig | None = None, *, workers: int = 1, progress: bool = True,
+    cache: str | Path | None = None,
+) -> dict:  # fmt: skip
+    """Fetch, convert and render the TORCS cars into ``root`` (resumable: the download, the
+    extracted files and every rendered object are kept until all are done).
+
+    ``cache``: where the package is kept (default :func:`.storage.cache_dir`); a package left in
+    ``root/.cache`` by an earlier version is moved there. ``progress``: say beforehand what will be
+    downloaded and written, and show the download, extraction and rendering as they go.
     Returns the render statistics of :func:`.meshes.render_jobs` plus ``objects`` and ``views``
-    (split -> count), ``seconds_per_view`` and ``bytes`` (the SRN folders on disk, cache excluded).
+    (split -> count), ``seconds_per_view``, ``bytes`` (the SRN folders on disk) and ``cache``.
     """
     root = Path(root)
     config = config or RenderConfig(shading=0.4)
+    cache = Path(cache) if cache is not None else cache_dir()
+    quiet = not progress
+    adopt_legacy_cache(root, cache, f"{PACKAGE}_*.deb", quiet)
+    remove_legacy_extracted(root, "torcs-data")
+    announce(root, cache, config, quiet)
     start = time.perf_counter()
-    game = car_files(root / ".cache")
+    game = car_files(cache, quiet=quiet)
     fetch_seconds = time.perf_counter() - start
     jobs = car_jobs(game)
     stats = render_jobs(jobs, root, config, workers=workers, progress=progress)
+    if all(object_complete(object_folder(root, j, config), config.views) for j in jobs):
+        shutil.rmtree(cache / "torcs-data", ignore_errors=True)  # extracted again from the package when needed
     stats["fetch_seconds"] = fetch_seconds
+    stats["cache"] = cache
     stats["objects"] = {s: sum(j.split == s for j in jobs) for s in ("train", "val", "test")}
     stats["views"] = {s: n * config.views for s, n in stats["objects"].items()}
     stats["seconds_per_view"] = stats["render_seconds"] / stats["views_rendered"] if stats["views_rendered"] else None

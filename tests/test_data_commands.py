@@ -3,6 +3,9 @@ composed from character-creator layers. Nothing here needs the network."""
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -292,7 +295,7 @@ def test_ensure_dataset_runs_the_named_preparer_once(tmp_path, monkeypatch):
     from vsd.datatools import prepare
 
     calls = []
-    monkeypatch.setitem(prepare.PREPARERS, "fake", lambda root: (calls.append(root), _srn(root)))
+    monkeypatch.setitem(prepare.PREPARERS, "fake", lambda root, quiet=False: (calls.append(root), _srn(root)))
     raw = {"data": {"type": "srn", "root": str(tmp_path / "d"), "prepare": "fake"}}
     assert prepare.ensure_dataset(raw) is True and calls == [tmp_path / "d"]
     assert prepare.ensure_dataset(raw) is False and len(calls) == 1  # split folders exist now
@@ -305,33 +308,117 @@ def test_cars_without_apt_says_what_to_do_instead(tmp_path, monkeypatch, capsys)
     from vsd.datatools import debian
 
     monkeypatch.setattr(debian.shutil, "which", lambda name: None)
+    monkeypatch.setenv("VSD_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["data", "cars", str(tmp_path / "cars")]) == 2
     err = " ".join(capsys.readouterr().err.split())
+    # first what it was about to download and write, then why it cannot
+    assert f"downloading the TORCS cars package torcs-data (~318 MiB) into {tmp_path / 'cache'}" in err
+    assert f"the prepared data takes ~46 MiB in {tmp_path / 'cars'}" in err
     assert "`apt-get` is not available" in err and "torcs-data" in err
-    assert "render-meshes" in err and "data.root" in err and str(tmp_path / "cars" / ".cache") in err
+    assert "render-meshes" in err and "data.root" in err and str(tmp_path / "cache") in err
 
 
-def test_extract_deb_writes_only_matching_members(tmp_path):
+def _tar_bytes(files: dict[str, bytes]) -> bytes:
     import io
     import tarfile
 
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _ar_member(name: str, data: bytes) -> bytes:
+    header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+    return header + data + (b"\n" if len(data) % 2 else b"")
+
+
+def _deb(path, files: dict[str, bytes]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"!<arch>\n" + _ar_member("debian-binary", b"2.0\n") + _ar_member("data.tar.xz", _tar_bytes(files)))
+    return path
+
+
+def _fake_apt(tmp_path, monkeypatch, size: int, written: int):
+    """An `apt-get` on PATH whose package `p` is `size` bytes long and whose download writes
+    `written` bytes, in two halves."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "apt-get"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$2" = "--print-uris" ]; then echo "\'http://deb.example/p_1_all.deb\' p_1_all.deb {size} SHA256:00"; exit 0; fi\n'
+        f"head -c {written // 2} /dev/zero > p_1_all.deb; sleep 0.3; head -c {written - written // 2} /dev/zero >> p_1_all.deb\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_a_download_shows_its_bytes_and_an_interrupted_one_starts_again(tmp_path, monkeypatch, capsys):
+    from vsd.core.errors import DataError
+    from vsd.datatools.debian import DebInfo, deb_info, fetch_deb
+
+    _fake_apt(tmp_path, monkeypatch, size=2000, written=2000)
+    monkeypatch.setenv("VSD_PROGRESS_INTERVAL", "0")
+    assert deb_info("p") == DebInfo("p_1_all.deb", 2000)
+    cache = tmp_path / "cache"
+    (cache / ".download-p").mkdir(parents=True)  # the remains of a killed download
+    (cache / ".download-p" / "p_1_all.deb").write_bytes(b"x" * 500)
+    deb = fetch_deb("p", cache)
+    assert deb == cache / "p_1_all.deb" and deb.stat().st_size == 2000
+    assert sorted(q.name for q in cache.iterdir()) == ["p_1_all.deb"]  # no scratch left
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"removing an interrupted download of p (500 B) from {cache / '.download-p'}; downloading it again"
+    assert err[1] == "downloading p 0 B/2.0 KiB (0%)" and err[-1].startswith("downloading p 2.0 KiB/2.0 KiB (100%)")
+    assert fetch_deb("p", cache) == deb and capsys.readouterr().err == ""  # cached: nothing fetched
+
+    monkeypatch.undo()
+    _fake_apt(tmp_path / "short", monkeypatch, size=2000, written=1500)
+    with pytest.raises(DataError, match="wrote 1500 bytes, the package lists say 2000"):
+        fetch_deb("p", tmp_path / "other", quiet=True)
+    assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_cars_say_what_they_write_keep_the_download_in_the_cache_and_resume(tmp_path, monkeypatch, capsys):
+    import vsd.datatools.torcs as torcs
+    from vsd.datatools.meshes import RenderConfig
+
+    game = "usr/share/games/torcs"
+    sgi = tmp_path / "paint.rgb"
+    Image.fromarray(np.full((4, 4, 3), (200, 30, 30), np.uint8)).save(sgi, format="SGI")
+    files = {
+        f"./{game}/cars/mycar/mycar.acc": AC.replace("paint.png", "mycar.rgb").encode(),
+        f"./{game}/cars/mycar/mycar.rgb": sgi.read_bytes(),
+        f"./{game}/drivers/bob/1/mycar.rgb": sgi.read_bytes(),
+        f"./{game}/other/readme.txt": b"not extracted",
+    }
+    root, cache = tmp_path / "cars", tmp_path / "cache"
+    _deb(root / ".cache" / "torcs-data_1.0_all.deb", files)  # where an earlier version kept it
+    (root / ".cache" / "torcs-data" / "old").mkdir(parents=True)
+    monkeypatch.setenv("VSD_CACHE_DIR", str(cache))
+    monkeypatch.setenv("VSD_PROGRESS_INTERVAL", "0")
+    config = RenderConfig(views=2, size=8)
+    stats = torcs.build_cars(root, config)
+    err = capsys.readouterr().err
+    assert f"moving the earlier download {root / '.cache' / 'torcs-data_1.0_all.deb'}" in err
+    assert f"using the TORCS cars package torcs-data_1.0_all.deb cached in {cache}" in err
+    assert "are extracted there and deleted once the cars are rendered" in err
+    assert f"the prepared data takes ~2.4 MiB in {root} (76 objects x 2 views of 8 px)" in err  # 76 cars in the real package
+    assert re.search(r"^extracting torcs-data_1.0_all.deb .*\(100%\)", err, re.M)
+    assert re.search(rf"^rendering into {re.escape(str(root))} 2/2 \(100%\)", err, re.M)
+    assert stats["objects"] == {"train": 2, "val": 0, "test": 0} and stats["rendered"] == 2
+    assert not (root / ".cache").exists()  # nothing of the download is left beside the data
+    assert sorted(p.name for p in cache.iterdir()) == ["torcs-data_1.0_all.deb"]  # extracted files deleted
+    again = torcs.build_cars(root, config, progress=False)
+    assert (again["rendered"], again["skipped"]) == (0, 2) and capsys.readouterr().err == ""
+
+
+def test_extract_deb_writes_only_matching_members(tmp_path):
     from vsd.datatools.debian import extract_deb
 
-    def tar_bytes(files: dict[str, bytes]) -> bytes:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:xz") as tar:
-            for name, data in files.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
-
-    def ar_member(name: str, data: bytes) -> bytes:
-        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
-        return header + data + (b"\n" if len(data) % 2 else b"")
-
-    data = tar_bytes({"./usr/share/a/keep.txt": b"yes", "./usr/share/a/skip.bin": b"no", "./etc/x.txt": b"no"})
-    deb = tmp_path / "p_1_all.deb"
-    deb.write_bytes(b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.xz", data))
+    deb = _deb(tmp_path / "p_1_all.deb", {"./usr/share/a/keep.txt": b"yes", "./usr/share/a/skip.bin": b"no", "./etc/x.txt": b"no"})
     written = extract_deb(deb, tmp_path / "out", ["usr/share/*/*.txt"])
     assert written == [tmp_path / "out" / "usr/share/a/keep.txt"] and written[0].read_bytes() == b"yes"
