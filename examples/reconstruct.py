@@ -2,11 +2,13 @@
 
     python examples/reconstruct.py                      # the shipped minens-voxel model
     python examples/reconstruct.py cars-voxel        # another shipped model
-    python examples/reconstruct.py runs/voxel_minens [image.png] [--out reconstruct_out]
+    python examples/reconstruct.py runs/voxel_minens examples/inputs/minens_1.png [--out reconstruct_out]
 
-Without an image, a held-out test object is the input (shipped with a shipped model, else from
-the model's dataset). Writes the input, a grid of sampled views, a turntable (GIF, and MP4 with
-imageio-ffmpeg) and a GLB mesh.
+Without an image, a held-out test object is the input, with its known camera (shipped with a
+shipped model, else from the model's dataset); an image given here is taken as seen from the
+front (examples/inputs/ holds test views near the front of each shipped model's objects).
+Writes the input, a grid of sampled views, a turntable (GIF, and MP4 with imageio-ffmpeg) and a
+GLB mesh.
 """
 
 from __future__ import annotations
