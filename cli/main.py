@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..apps.memory import keep_freed_memory
-from ..core.errors import VsdError
+from ..core.errors import VsdError, VsdNotice
 from .console import err, out
 
 app = typer.Typer(
@@ -229,6 +229,16 @@ def warnings_to_log():
     logger.propagate = False  # the root logger's handlers (or logging's last resort) print to stderr
 
     def to_log(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, VsdNotice):  # vsd's own notices reach the user, in one line
+            impl = getattr(warnings, "_showwarnmsg_impl", None)
+            if shown is not getattr(warnings, "_showwarning_orig", None):
+                shown(message, category, filename, lineno, file, line)  # a caller's own display
+            elif impl is not None and getattr(impl, "__module__", None) != "warnings":
+                # catch_warnings(record=True) (a test, a notebook) is recording: hand it over
+                impl(warnings.WarningMessage(message, category, filename, lineno, file, line))
+            else:
+                err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+            return
         logger.warning("%s", warnings.formatwarning(message, category, filename, lineno, line).rstrip())
 
     warnings.showwarning = to_log  # what logging.captureWarnings does, restorable whatever was there

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .contracts import SceneInfo
-from .errors import DataError, short
+from .errors import DataError, VsdNotice, short
 from .files import temp_beside
 from .state_checks import _first_line, _listed, _name, _recipe_yaml, check_info, check_state, check_tensors, describe, refuse_nonfinite
 
@@ -116,7 +116,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", *, resume: bool = Fals
                 return _load_file(cand, map_location, resume)
             except DataError as exc:
                 errors.append(str(exc))
-                warnings.warn(f"{exc}; trying an older checkpoint", stacklevel=2)
+                warnings.warn(VsdNotice(f"{exc}; trying an older checkpoint"), stacklevel=2)
         raise DataError(f"no intact checkpoint in {path}: " + "; ".join(errors))
     return _load_file(path, map_location, resume)
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+class VsdNotice(UserWarning):
+    """Something the user must know that is not an error (e.g. a damaged newest checkpoint
+    skipped for an older one): ``vsd-run`` shows it as one ``warning:`` line, where other
+    Python warnings go to a log file."""
+
+
 class VsdError(Exception):
     """Base class of errors caused by input (recipes, files, plugins), not by bugs."""
 
