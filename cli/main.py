@@ -270,15 +270,27 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
+        for exceptions in _click_exception_modules():
+            if isinstance(exc, exceptions.ClickException):
+                exc.show()
+                return exc.exit_code
+            if isinstance(exc, exceptions.Abort):
+                return 1
         raise
     return 0
+
+
+def _click_exception_modules() -> list:
+    """click's exceptions, and those of the copy of click that newer typer releases bundle."""
+    import importlib
+
+    mods = []
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return mods
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 
 from vsd.apps.sampling import UNTRAINED_STEPS, load_model, untrained_notice
 from vsd.cli.main import main
+from vsd.core.errors import DataError
 from vsd.core.checkpoint import load_checkpoint, save_checkpoint
 
 from conftest import TINY
@@ -141,32 +142,68 @@ def test_the_notice_takes_the_last_loss_logged_at_or_before_the_checkpoint(tmp_p
 
 
 # ---- Python warnings -----------------------------------------------------------------------
+def _warning_then_fail(path):
+    warnings.warn("a library's fallback", UserWarning)  # as a third-party package would
+    raise DataError(f"{path}: nothing to load")
+
+
 def test_a_warning_inside_a_command_goes_to_the_log_not_the_terminal(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VSD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("VSD_SHOW_WARNINGS", raising=False)
-    empty = tmp_path / "empty_run"
-    empty.mkdir()
+    import vsd.apps.sampling as sampling
+
+    monkeypatch.setattr(sampling, "load_model", lambda path, **k: _warning_then_fail(path))
     shown, handlers = warnings.showwarning, list(logging.getLogger("py.warnings").handlers)
-    # an empty run directory: loading warns (no last.pt, trying an older one), then fails cleanly
-    assert main(["sample", str(empty)]) == 2
+    assert main(["sample", "minens-voxel"]) == 2
     err = capsys.readouterr().err
-    assert "error:" in err and str(empty) in err
-    assert "Warning" not in err and "warnings.warn" not in err
+    assert "error:" in err and "nothing to load" in err
+    assert "Warning" not in err and "warnings.warn" not in err and "fallback" not in err
     log = (tmp_path / "cache" / "warnings.log").read_text()
-    assert "UserWarning" in log and "trying an older checkpoint" in log
+    assert "UserWarning" in log and "a library's fallback" in log
     # main() leaves the process as it found it
     assert warnings.showwarning is shown and logging.getLogger("py.warnings").handlers == handlers
 
 
-def test_warnings_reach_stderr_only_when_asked(tmp_path):
-    empty = tmp_path / "empty_run"
-    empty.mkdir()
+def test_vsd_notices_reach_the_user_in_one_line(tmp_path):
+    code = _SUBPROCESS.replace(
+        'warnings.warn("a library\'s fallback", UserWarning)',
+        'from vsd.core.errors import VsdNotice; warnings.warn(VsdNotice("the newest checkpoint is damaged; trying an older checkpoint"))',
+    )
+    assert "VsdNotice(" in code
     env = dict(os.environ, VSD_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("VSD_SHOW_WARNINGS", None)
-    argv = [sys.executable, "-m", "vsd.cli", "sample", str(empty)]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines()[0] == "warning: the newest checkpoint is damaged; trying an older checkpoint", run.stderr
+    assert "VsdNotice" not in run.stderr and not (tmp_path / "cache" / "warnings.log").exists()
+
+
+_SUBPROCESS = """
+import sys, warnings
+import vsd.apps.sampling as sampling
+from vsd.core.errors import DataError
+def load_model(path, **k):
+    warnings.warn("a library's fallback", UserWarning)
+    raise DataError("nothing to load")
+sampling.load_model = load_model
+from vsd.cli.main import main
+sys.exit(main(["sample", "minens-voxel"]))
+"""
+
+
+def test_warnings_reach_stderr_only_when_asked(tmp_path):
+    env = dict(os.environ, VSD_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("VSD_SHOW_WARNINGS", None)
+    argv = [sys.executable, "-c", _SUBPROCESS]
     quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert quiet.returncode == 2 and "error:" in quiet.stderr
     assert "Warning" not in quiet.stderr, quiet.stderr
     assert "UserWarning" in (tmp_path / "cache" / "warnings.log").read_text()
     shown = subprocess.run(argv, capture_output=True, text=True, env={**env, "VSD_SHOW_WARNINGS": "1"}, timeout=300)
     assert shown.returncode == 2 and "UserWarning" in shown.stderr
+
+
+def test_a_mistyped_option_is_a_usage_error_with_exit_2(capsys):
+    assert main(["sample", "minens-voxel", "--num-sample", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "No such option: --num-sample" in err and "--num-samples" in err and "Traceback" not in err
