@@ -37,7 +37,7 @@ from ..core.progress import Progress
 from ..plugins.datasets.boxes import render_boxes
 from ..plugins.datasets.minens import Pose, character_boxes, sample_cameras
 from ..plugins.datasets.skins import SKIN_HEIGHT, SKIN_WIDTH, save_skin
-from .debian import cached_deb, deb_info, extract_deb, fetch_deb
+from .debian import extract_deb, fetch_deb, fetch_sentence
 from .meshes import object_complete
 from .storage import adopt_legacy_cache, cache_dir, notice, remove_legacy_extracted, size_text, srn_bytes
 
@@ -232,13 +232,7 @@ def _one_thread() -> None:
 
 def announce(root: Path, cache: Path, objects: int, views: int, size: int, quiet: bool = False) -> None:
     """Say what making the characters will download and write, before any of it happens."""
-    deb = cached_deb(PACKAGE, cache)
-    if deb is not None:
-        fetch = f"using the skin layers package {deb.name} cached in {cache}"
-    else:
-        info = deb_info(PACKAGE)
-        fetch = (f"downloading the skin layers package {PACKAGE} ({size_text(info.size if info else PACKAGE_BYTES)}) "
-                 f"into {cache}, where it stays for later runs (VSD_CACHE_DIR sets another folder)")  # fmt: skip
+    fetch = fetch_sentence(PACKAGE, "skin layers", cache, PACKAGE_BYTES)
     data = srn_bytes(objects, views, size, PNG_BYTES_PER_PIXEL, extra_files=2)  # character.txt, the skin
     notice(f"{fetch}; the characters take {size_text(data)} in {root} ({objects} objects x {views} views of {size} px)", quiet)
 

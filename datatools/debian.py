@@ -196,3 +196,16 @@ def extract_deb(deb: Path, dest: Path, patterns: list[str], *, quiet: bool = Tru
             written.append(target)
         bar.update(size)
     return written
+
+
+def fetch_sentence(package: str, label: str, cache: Path, fallback_bytes: int) -> str:
+    """What getting ``package`` will cost, for a notice before it happens: the cached file if
+    there is one, else the download's size (from the package lists, else ``fallback_bytes``)."""
+    from .storage import size_text
+
+    deb = cached_deb(package, cache)
+    if deb is not None:
+        return f"using the {label} package {deb.name} cached in {cache}"
+    info = deb_info(package)
+    return (f"downloading the {label} package {package} ({size_text(info.size if info else fallback_bytes)}) "
+            f"into {cache}, where it stays for later runs (VSD_CACHE_DIR sets another folder)")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import DataError
-from .debian import cached_deb, deb_info, extract_deb, fetch_deb
+from .debian import extract_deb, fetch_deb, fetch_sentence
 from .meshes import RenderConfig, RenderJob, object_complete, object_folder, render_jobs
 from .storage import adopt_legacy_cache, cache_dir, notice, remove_legacy_extracted, size_text, srn_bytes
 
@@ -89,13 +89,7 @@ def folder_size(folder: Path) -> int:
 
 def announce(root: Path, cache: Path, config: RenderConfig, quiet: bool = False) -> None:
     """Say what preparing the cars will download and write, before any of it happens."""
-    deb = cached_deb(PACKAGE, cache)
-    if deb is not None:
-        fetch = f"using the TORCS cars package {deb.name} cached in {cache}"
-    else:
-        info = deb_info(PACKAGE)
-        fetch = (f"downloading the TORCS cars package {PACKAGE} ({size_text(info.size if info else PACKAGE_BYTES)}) "
-                 f"into {cache}, where it stays for later runs (VSD_CACHE_DIR sets another folder)")  # fmt: skip
+    fetch = fetch_sentence(PACKAGE, "TORCS cars", cache, PACKAGE_BYTES)
     if not (cache / "torcs-data" / ".complete").is_file():
         fetch += f"; its car files ({size_text(EXTRACTED_BYTES)}) are extracted there and deleted once the cars are rendered"
     data = srn_bytes(OBJECTS, config.views, config.size, PNG_BYTES_PER_PIXEL)
