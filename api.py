@@ -1,8 +1,8 @@
 """The Python API: reconstruct an object from one image, or generate one, in three lines.
 
     import vsd
-    pipe = vsd.load("runs/voxel_minens")              # a run directory, a .pt file or a shipped name
-    result = pipe.reconstruct("character.png", num_samples=4)
+    pipe = vsd.load("minens-voxel")                   # a shipped name, a run directory or a .pt file
+    result = pipe.reconstruct("examples/inputs/minens_0.png", num_samples=4)
     result.turntable("turntable.gif"); result.export_mesh("object.glb")
 
 The ``vsd-run sample`` and ``vsd-run export`` commands call this same API. :class:`Pipeline` and

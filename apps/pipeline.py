@@ -8,6 +8,7 @@ unless ``progress=False`` is passed.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,45 @@ from ..core.cameras import Cameras, spherical_to_cartesian
 from ..core.engine import ViewsetDiffusion
 from ..core.errors import DataError
 from ..core.progress import Progress
+
+
+def read_camera(path: str | Path) -> Cameras:
+    """One camera from a JSON file (as written beside ``examples/inputs/*.png``): ``c2w``, the
+    4x4 camera-to-world matrix in the OpenCV convention (x right, y down, z forward), ``K``, the
+    3x3 intrinsics in pixels, and the image's ``width`` and ``height``. Returns (1,) Cameras."""
+    path = Path(path)
+    try:
+        cam = json.loads(path.read_text())
+    except OSError as exc:
+        raise DataError(f"cannot read the camera file {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is not a JSON camera file ({exc}); expected an object with c2w, K, width and height") from None
+    if not isinstance(cam, dict):
+        raise DataError(f"{path}: expected a JSON object with c2w, K, width and height, found {type(cam).__name__}")
+    missing = [k for k in ("c2w", "K", "width", "height") if k not in cam]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)}; a camera file holds c2w (4x4), K (3x3, pixels), width and height")
+
+    def matrix(key: str, rows: int) -> Tensor:
+        try:
+            m = torch.tensor(cam[key], dtype=torch.float32)
+        except (TypeError, ValueError):
+            m = None
+        if m is None or m.shape != (rows, rows) or not torch.isfinite(m).all():
+            raise DataError(f"{path}: {key} must be a {rows}x{rows} matrix of finite numbers, found {json.dumps(cam[key])[:80]}")
+        return m
+
+    c2w, K = matrix("c2w", 4), matrix("K", 3)
+    size = {k: cam[k] for k in ("width", "height")}
+    for k, v in size.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise DataError(f"{path}: {k} must be a positive whole number of pixels, found {v!r}")
+    if K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise DataError(f"{path}: K's focal lengths (K[0][0], K[1][1]) must be positive, found {K[0, 0].item()}, {K[1, 1].item()}")
+    if not torch.allclose(c2w[:3, :3] @ c2w[:3, :3].T, torch.eye(3), atol=1e-3) or torch.det(c2w[:3, :3]) <= 0 or not torch.allclose(c2w[3], torch.tensor([0.0, 0, 0, 1])):
+        raise DataError(f"{path}: c2w must be a rigid camera-to-world matrix (a rotation with determinant +1, last row 0 0 0 1)")
+    intr = torch.stack([K[0, 0], K[1, 1], K[0, 2], K[1, 2]])
+    return Cameras(c2w[None], intr[None], size["height"], size["width"])
 
 
 @dataclass

@@ -102,7 +102,7 @@ def heldout_psnr(pipe, name: str, objects: int = 4, steps: int | None = 20, seed
     got, base = [], []
     for i in range(images.shape[0]):
         V = images.shape[1]
-        result = pipe.reconstruct(images[i, :1], cams[i], num_samples=1, views=V, steps=steps, seed=seed + i)
+        result = pipe.reconstruct(images[i, :1], cams[i], num_samples=1, views=V, steps=steps, seed=seed + i, progress=False)
         truth = images[i, 1:]
         got.append(psnr(result.views[0, 1:], truth).mean().item())
         base.append(psnr(data["mean_image"].expand_as(truth), truth).mean().item())

@@ -207,6 +207,7 @@ def refine_to_files(
     settings: RefineSettings | None = None,
     *,
     input_image: str | Path | None = None,
+    camera: str | Path | None = None,
     seed: int = 0,
     sample_steps: int | None = None,
     guidance: float | None = None,
@@ -216,7 +217,8 @@ def refine_to_files(
     progress: Callable[[int, int], None] | None = None,
     quiet: bool = False,
 ) -> dict:
-    """Sample one object (conditioned on ``input_image`` or not), refine it, and write
+    """Sample one object (conditioned on ``input_image``, seen from the JSON ``camera`` file or
+    else from the front, or not), refine it, and write
     views.png (targets above refined renders), turntable.gif and a mesh. Returns the files and
     the photometric loss before and after. The sampling and the refinement show their progress
     on stderr unless ``quiet``; ``progress(i, n)`` is called after each refinement step too."""
@@ -224,7 +226,7 @@ def refine_to_files(
     out = Path(out_dir)
     from .sampling import sample
 
-    pred = sample(model, input_image=input_image, num_samples=1, seed=seed, steps=sample_steps, guidance=guidance, progress=not quiet)
+    pred = sample(model, input_image=input_image, camera=camera, num_samples=1, seed=seed, steps=sample_steps, guidance=guidance, progress=not quiet)
     with Progress("refine", s.steps, quiet=quiet) as bar:
         def step_done(i: int, n: int) -> None:
             bar.update(i, total=n)

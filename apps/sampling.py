@@ -10,7 +10,7 @@ from ..core.checkpoint import load_checkpoint, model_from_state
 from ..core.engine import ViewsetDiffusion
 from ..core.contracts import Field
 from ..core.distributed import select_device
-from ..core.errors import EmptyMeshError
+from ..core.errors import DataError, EmptyMeshError
 from .export import FORMATS, export_mesh, no_surface, scene_to_meshes
 
 
@@ -70,6 +70,7 @@ def sample_to_files(
     out_dir: str | Path,
     *,
     input_image: str | Path | None = None,
+    camera: str | Path | None = None,
     num_samples: int = 4,
     views: int | None = None,
     seed: int = 0,
@@ -78,24 +79,28 @@ def sample_to_files(
     elevation: float = 0.0,
     progress: bool = True,
 ) -> dict:
-    """Draw ``num_samples`` viewsets (conditioned on ``input_image`` seen from the front, or
-    unconditional) and write their views as a PNG grid and their 3D objects as turntables.
+    """Draw ``num_samples`` viewsets (conditioned on ``input_image``, seen from the JSON ``camera``
+    file or else from the front, or unconditional) and write their views as a PNG grid and their 3D objects as turntables.
     ``progress``: show the sampling and the turntable's rendering on stderr as they go."""
-    result = sample(model, input_image=input_image, num_samples=num_samples, views=views, seed=seed, steps=steps, guidance=guidance,
-                    elevation=elevation, progress=progress)  # fmt: skip
+    result = sample(model, input_image=input_image, camera=camera, num_samples=num_samples, views=views, seed=seed, steps=steps,
+                    guidance=guidance, elevation=elevation, progress=progress)  # fmt: skip
     out = Path(out_dir)
     return {"views": result.save_views(out / "samples.png"), "turntable": result.turntable(out / "turntable.gif")}
 
 
-def sample(model: ViewsetDiffusion, *, input_image=None, num_samples: int = 4, views=None, seed: int = 0, steps=None, guidance=None,
-           elevation: float = 0.0, progress: bool = True):  # fmt: skip
-    """One entry for the CLI commands: a :class:`vsd.api.Result` from the Python API."""
-    from .pipeline import Pipeline
+def sample(model: ViewsetDiffusion, *, input_image=None, camera=None, num_samples: int = 4, views=None, seed: int = 0, steps=None,
+           guidance=None, elevation: float = 0.0, progress: bool = True):  # fmt: skip
+    """One entry for the CLI commands: a :class:`vsd.api.Result` from the Python API; ``camera``:
+    a JSON camera file of ``input_image`` (:func:`vsd.apps.pipeline.read_camera`)."""
+    from .pipeline import Pipeline, read_camera
 
+    if camera is not None and input_image is None:
+        raise DataError(f"--camera {camera} gives the camera of an input image, but no --input image was given")
+    cameras = read_camera(camera) if camera is not None else None
     pipe = Pipeline(model)
     if input_image is None:
         return pipe.generate(num_samples, views=views, steps=steps, seed=seed, elevation=elevation, progress=progress)
-    return pipe.reconstruct(input_image, num_samples=num_samples, views=views, steps=steps, seed=seed, guidance=guidance,
+    return pipe.reconstruct(input_image, cameras, num_samples=num_samples, views=views, steps=steps, seed=seed, guidance=guidance,
                             elevation=elevation, progress=progress)  # fmt: skip
 
 
@@ -104,6 +109,7 @@ def export_to_files(
     out_dir: str | Path,
     *,
     input_image: str | Path | None = None,
+    camera: str | Path | None = None,
     num_samples: int = 1,
     format: str = "glb",
     resolution: int = 64,
@@ -118,7 +124,8 @@ def export_to_files(
     ``progress``: show the sampling and the meshing on stderr as they go."""
     if format not in FORMATS:
         raise ValueError(f"unknown mesh format {format!r}: choose one of {', '.join(FORMATS)}")
-    result = sample(model, input_image=input_image, num_samples=num_samples, seed=seed, steps=steps, guidance=guidance, progress=progress)
+    result = sample(model, input_image=input_image, camera=camera, num_samples=num_samples, seed=seed, steps=steps, guidance=guidance,
+                    progress=progress)  # fmt: skip
     meshes = scene_to_meshes(result.scene, resolution, threshold, min_component_ratio, progress=progress)
     out = Path(out_dir)
     for i, m in enumerate(meshes):  # refuse before writing any: an empty mesh is not a result

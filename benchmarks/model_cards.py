@@ -1,4 +1,4 @@
-"""Figures and numbers of the shipped models' cards (README "Pretrained models").
+"""Figures and numbers of the shipped models' cards (docs/results.md, "Pretrained models").
 
     python benchmarks/model_cards.py [minens-voxel cars-voxel] [--objects 8] [--steps 50]
         [--test-objects minens-voxel=20 cars-voxel=9]

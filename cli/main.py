@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..apps.memory import keep_freed_memory
-from ..core.errors import VsdError, VsdNotice
+from ..core.errors import DataError, VsdError, VsdNotice
 from .console import err, out
 
 app = typer.Typer(
@@ -96,7 +96,8 @@ def recipe(
 @app.command()
 def sample(
     checkpoint: Path = typer.Argument(..., help="checkpoint file, run directory or shipped model name (vsd-run models)"),
-    input: Optional[Path] = typer.Option(None, "--input", help="condition on this image (seen from the front)"),
+    input: Optional[Path] = typer.Option(None, "--input", help="condition on this image (seen from --camera, or from the front)"),
+    camera: Optional[Path] = typer.Option(None, "--camera", help="JSON camera of the --input image (c2w, K, width, height; examples/inputs/*.json); default: seen from the front"),
     num_samples: int = typer.Option(4, "--num-samples", min=1, help="samples to draw"),
     views: Optional[int] = typer.Option(None, "--views", min=1, help="views per sampled viewset"),
     seed: int = typer.Option(0, "--seed"),
@@ -108,10 +109,11 @@ def sample(
     """Draw samples (unconditional, or conditioned on --input) and write PNG grids and turntables."""
     from ..apps.sampling import load_model, sample_to_files
 
+    check_camera(input, camera)
     out_dir = output_folder(out_dir, Path("samples"), default_name(checkpoint, input), overwrite)
     model = load_model(checkpoint, notice=True)
     try:
-        files = sample_to_files(model, out_dir, input_image=input, num_samples=num_samples, views=views, seed=seed, steps=steps, guidance=guidance)
+        files = sample_to_files(model, out_dir, input_image=input, camera=camera, num_samples=num_samples, views=views, seed=seed, steps=steps, guidance=guidance)
     except OSError as exc:
         raise VsdError(f"cannot write samples to {exc.filename or out_dir}: {exc.strerror or exc}") from None
     print_written(files, out_dir)
@@ -139,6 +141,17 @@ class OutputExistsError(VsdError):
     """An --out folder that already holds files, or that is a file: nothing is written."""
 
     exit_code = 2
+
+
+def check_camera(input: Path | None, camera: Path | None) -> None:
+    """Refuse, before any work, a --camera without an --input image or a camera file that does not read."""
+    from ..apps.pipeline import read_camera
+
+    if camera is None:
+        return
+    if input is None:
+        raise DataError(f"--camera {camera} gives the camera of an input image, but no --input image was given")
+    read_camera(camera)
 
 
 def default_name(checkpoint: Path, input: Path | None) -> str:

@@ -12,7 +12,8 @@ def register(app: typer.Typer) -> None:
     @app.command("refine")
     def refine(
         checkpoint: Path = typer.Argument(..., help="checkpoint file, run directory or shipped model name (vsd-run models)"),
-        input: Optional[Path] = typer.Option(None, "--input", help="condition on this image (seen from the front)"),
+        input: Optional[Path] = typer.Option(None, "--input", help="condition on this image (seen from --camera, or from the front)"),
+        camera: Optional[Path] = typer.Option(None, "--camera", help="JSON camera of the --input image (c2w, K, width, height; examples/inputs/*.json); default: seen from the front"),
         seed: int = typer.Option(0, "--seed"),
         sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1, help="sampler steps (default: the recipe's)"),
         guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance weight w"),
@@ -39,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from ..apps.export import FORMATS
         from ..apps.refine import RefineSettings, refine_to_files
         from ..apps.sampling import load_model
-        from .main import default_name, output_folder, print_written
+        from .main import check_camera, default_name, output_folder, print_written
 
         if format.lower() not in FORMATS:
             raise VsdError(f"--format: unknown mesh format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -52,10 +53,11 @@ def register(app: typer.Typer) -> None:
         except ValidationError as exc:
             bad = ", ".join(".".join(map(str, e["loc"])) + f": {e['msg']}" for e in exc.errors())
             raise VsdError(f"refine settings: {bad}") from None
+        check_camera(input, camera)
         out_dir = output_folder(out_dir, Path("refined"), default_name(checkpoint, input), overwrite)
         model = load_model(checkpoint, notice=True)
         result = refine_to_files(
-            model, out_dir, settings, input_image=input, seed=seed, sample_steps=sample_steps, guidance=guidance,
+            model, out_dir, settings, input_image=input, camera=camera, seed=seed, sample_steps=sample_steps, guidance=guidance,
             mesh_format=format.lower(), mesh_resolution=resolution, threshold=threshold, quiet=quiet,
         )
         out.print(f"photometric mse: {result['loss_before']:.5f} -> {result['loss_after']:.5f}")

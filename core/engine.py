@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .cameras import Cameras
 from .contracts import SceneInfo
@@ -243,6 +244,27 @@ class ViewsetDiffusion(nn.Module):
         return (out * 2 - 1).clamp(-1, 1)
 
     # ---- sampling ------------------------------------------------------------------------------
+    def fit_to_views(self, pred: Prediction, cameras: Cameras, images: Tensor, background: Tensor) -> Prediction:
+        """Fit ``pred``'s feature volume to the first k = ``images.shape[1]`` views' pixels
+        (``diffusion.input_fit_steps`` Adam steps on the rendered MSE) and render the result at
+        every camera: a data-consistency step that keeps a sample faithful to its own inputs."""
+        d = self.recipe.diffusion
+        k = images.shape[1]
+        volume = pred.volume.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([volume], lr=d.input_fit_lr)
+        target = (images + 1) / 2
+        with torch.enable_grad():
+            for _ in range(d.input_fit_steps):
+                rgb = self.renderer(self.representation(volume), cameras[:, :k], background)["rgb"]
+                loss = F.mse_loss(rgb, target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        volume = volume.detach()
+        scene = self.representation(volume)
+        out = self.renderer(scene, cameras, background)
+        return Prediction(out["rgb"] * 2 - 1, out, scene, volume)
+
     @torch.no_grad()
     def sample(
         self,
@@ -298,6 +320,8 @@ class ViewsetDiffusion(nn.Module):
             else:
                 noisy = None
                 pred = self.predict(x_in, cameras, ts, self_cond, background=bg)
+            if k and d.input_fit_steps:
+                pred = self.fit_to_views(pred, cameras, cond[:, :k], bg)
             x0 = pred.x0.clamp(-1, 1) if d.clip_x0 else pred.x0
             if k and w != 0:
                 if noisy is None:

@@ -350,6 +350,15 @@ class DiffusionSettings(Settings):
         description="Classifier-free guidance weight w: 0 conditional only, -1 unconditional.",
     )
     clip_x0: bool = Field(True, description="Clip x0 predictions to [-1, 1] when sampling.")
+    input_fit_steps: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Sampling with conditioning views: Adam steps per sampler step that fit the "
+        "predicted feature volume to the clean views' pixels before the generated views are "
+        "rendered from it (0: off).",
+    )
+    input_fit_lr: float = Field(0.05, gt=0, description="Learning rate of those fitting steps.")
 
     @model_validator(mode="after")
     def _check(self) -> "DiffusionSettings":

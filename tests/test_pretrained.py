@@ -108,3 +108,50 @@ def test_a_weights_file_that_is_not_vsd_is_refused(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(DataError, match="cannot be read as safetensors"):
         vsd.load(bad)
+
+
+INPUTS = Path(__file__).resolve().parents[1] / "examples" / "inputs"
+
+
+def test_sample_command_takes_the_inputs_camera_file(tmp_path):
+    """--camera FILE.json conditions on the image as seen from that camera: the command's views
+    are the Python API's with read_camera, and differ from the front-view assumption."""
+    import imageio.v3 as iio
+
+    from vsd.apps.pipeline import read_camera
+
+    img, cam = INPUTS / "minens_0.png", INPUTS / "minens_0.json"
+    args = ["sample", "minens-voxel", "--input", str(img), "--num-samples", "1", "--steps", "2", "--views", "3"]
+    assert main([*args, "--camera", str(cam), "--out", str(tmp_path / "cam")]) == 0
+    assert main([*args, "--out", str(tmp_path / "front")]) == 0
+    result = vsd.load("minens-voxel").reconstruct(img, read_camera(cam), num_samples=1, views=3, steps=2, seed=0, progress=False)
+    result.save_views(tmp_path / "api.png")
+    grids = {n: torch.from_numpy(iio.imread(tmp_path / n / "samples.png" if n != "api" else tmp_path / "api.png")).float() / 255
+             for n in ("cam", "front", "api")}  # fmt: skip
+    assert torch.equal(grids["cam"], grids["api"])
+    assert (grids["cam"] - grids["front"]).abs().mean() > 0.01
+
+
+@pytest.mark.parametrize(
+    "camera, expect",
+    [
+        (None, "no --input image"),
+        ({"c2w": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]], "width": 32, "height": 32}, "missing K"),
+        ({"c2w": [[2, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1]], "K": [[30, 0, 16], [0, 30, 16], [0, 0, 1]], "width": 32, "height": 32}, "rigid"),
+        ({"c2w": [[1, 0, 0]], "K": [[30, 0, 16], [0, 30, 16], [0, 0, 1]], "width": 32, "height": 32}, "c2w must be a 4x4"),
+        ("{not json", "not a JSON camera file"),
+    ],
+)
+def test_a_bad_camera_file_is_refused_before_any_work(tmp_path, capsys, camera, expect):
+    import json
+
+    path = tmp_path / "cam.json"
+    if camera is not None:
+        path.write_text(camera if isinstance(camera, str) else json.dumps(camera))
+    args = ["sample", "minens-voxel", "--camera", str(path), "--out", str(tmp_path / "out")]
+    if camera is not None:
+        args += ["--input", str(INPUTS / "minens_0.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expect in err and str(path) in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
