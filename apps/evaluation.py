@@ -266,6 +266,7 @@ class EvalConfig:
     batch_size: int = 4
     seed: int = 0
     guidance: float | None = None
+    fit_steps: int | None = None
     lpips_weights: str | None = None
 
     def fingerprint(self, model, checkpoint: dict) -> dict:
@@ -274,6 +275,7 @@ class EvalConfig:
             **keep,
             "metrics": METRICS_VERSION,
             "steps": self.steps or model.recipe.diffusion.sampling_steps,
+            "fit_steps": model.recipe.diffusion.input_fit_steps if self.fit_steps is None else self.fit_steps,
             "samples": 1 if model.recipe.train.deterministic else self.samples,
             "checkpoint": checkpoint,
         }
@@ -430,7 +432,7 @@ def evaluate_object(model, dataset, index: int, cfg: EvalConfig, *, features=Non
     while done < n_total:
         b = min(cfg.batch_size, n_total - done)
         cond = images[None, :k].expand(b, *images[:k].shape) if k else None
-        pred = model.sample(_expand(cams[:v_in], b), cond, steps=cfg.steps, guidance=cfg.guidance, generator=gen)
+        pred = model.sample(_expand(cams[:v_in], b), cond, steps=cfg.steps, guidance=cfg.guidance, generator=gen, fit_steps=cfg.fit_steps)
         renders, opacity = _render_targets(model, pred.scene, _expand(cams[k:], b))
         acc.add(renders, opacity)
         if k:

@@ -23,6 +23,7 @@ def eval_command(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="samples drawn at once"),
     seed: int = typer.Option(0, "--seed"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance weight (default: the recipe's)"),
+    fit_steps: Optional[int] = typer.Option(None, "--fit-steps", min=0, help="Adam steps per sampler step fitting the volume to the input views (default: the recipe's diffusion.input_fit_steps; 0: none)"),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="local VGG16 weights for LPIPS (default: $VSD_LPIPS_WEIGHTS; never downloaded)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN/eval_<split>_cond<k>); re-running resumes it"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
@@ -34,7 +35,7 @@ def eval_command(
     from ..apps.evaluation import EvalConfig, markdown_table, run_eval, summary_table
 
     cfg = EvalConfig(split=split, cond_views=cond_views, samples=samples, objects=objects, steps=steps, batch_size=batch_size,
-                     seed=seed, guidance=guidance, lpips_weights=str(lpips_weights) if lpips_weights else None)
+                     seed=seed, guidance=guidance, fit_steps=fit_steps, lpips_weights=str(lpips_weights) if lpips_weights else None)
     summary, out = run_eval(checkpoint, cfg, out_dir, quiet=quiet)
     con = Console()
     for title, header, rows in summary_table(summary):

@@ -244,9 +244,10 @@ class ViewsetDiffusion(nn.Module):
         return (out * 2 - 1).clamp(-1, 1)
 
     # ---- sampling ------------------------------------------------------------------------------
-    def fit_to_views(self, pred: Prediction, cameras: Cameras, images: Tensor, background: Tensor) -> Prediction:
+    def fit_to_views(self, pred: Prediction, cameras: Cameras, images: Tensor, background: Tensor, steps: int | None = None) -> Prediction:
         """Fit ``pred``'s feature volume to the first k = ``images.shape[1]`` views' pixels
-        (``diffusion.input_fit_steps`` Adam steps on the rendered MSE) and render the result at
+        (``steps`` Adam steps on the rendered MSE, default ``diffusion.input_fit_steps``, at
+        ``diffusion.input_fit_lr``) and render the result at
         every camera: a data-consistency step that keeps a sample faithful to its own inputs."""
         d = self.recipe.diffusion
         k = images.shape[1]
@@ -254,7 +255,7 @@ class ViewsetDiffusion(nn.Module):
         opt = torch.optim.Adam([volume], lr=d.input_fit_lr)
         target = (images + 1) / 2
         with torch.enable_grad():
-            for _ in range(d.input_fit_steps):
+            for _ in range(d.input_fit_steps if steps is None else steps):
                 rgb = self.renderer(self.representation(volume), cameras[:, :k], background)["rgb"]
                 loss = F.mse_loss(rgb, target)
                 opt.zero_grad(set_to_none=True)
@@ -276,13 +277,16 @@ class ViewsetDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         progress=None,
         cache_conditioning: bool = True,
+        fit_steps: int | None = None,
     ) -> Prediction:
         """Draw viewsets at ``cameras`` (B, V); the first k views are clean when
         ``cond_images`` (B, k, 3, H, W) in [-1, 1] is given (k = 0..V-1).
 
         Returns the final Prediction (x0 renders at all V cameras and the 3D scene).
         ``cache_conditioning`` computes the clean views' per-view features once instead of at
-        every step (same result; see Denoiser.encode_views).
+        every step (same result; see Denoiser.encode_views). ``fit_steps`` (default
+        ``diffusion.input_fit_steps``): Adam steps per sampler step that fit the predicted volume to
+        the clean views (:meth:`fit_to_views`).
         """
         d = self.recipe.diffusion
         B, V = cameras.shape
@@ -302,6 +306,7 @@ class ViewsetDiffusion(nn.Module):
             return self.predict(cond, cameras, ts, None, background=bg)
 
         w = d.guidance if guidance is None else guidance
+        fit = d.input_fit_steps if fit_steps is None else fit_steps
         scheduler = make_scheduler(d, self.schedule)
         scheduler.set_timesteps(steps or d.sampling_steps)
         x = torch.randn(B, V, 3, H, W, generator=generator, device="cpu").to(dev)
@@ -320,8 +325,8 @@ class ViewsetDiffusion(nn.Module):
             else:
                 noisy = None
                 pred = self.predict(x_in, cameras, ts, self_cond, background=bg)
-            if k and d.input_fit_steps:
-                pred = self.fit_to_views(pred, cameras, cond[:, :k], bg)
+            if k and fit:
+                pred = self.fit_to_views(pred, cameras, cond[:, :k], bg, fit)
             x0 = pred.x0.clamp(-1, 1) if d.clip_x0 else pred.x0
             if k and w != 0:
                 if noisy is None:
