@@ -56,12 +56,16 @@ def test_every_shipped_recipe_trains_and_samples(name, tmp_path):
         pytest.skip(f"{name} needs the {mod} plugin package")
     run = tmp_path / "run"
     data = _synthetic_data(name, tmp_path)
-    assert main(["recipe", name, *TINY, *data, "--out", str(run), "--quiet"]) == 0
+    # input_fit_steps: conditional sampling fits each representation's volume to the input view
+    assert main(["recipe", name, *TINY, *data, "diffusion.input_fit_steps=2", "--out", str(run), "--quiet"]) == 0
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 2
     assert main(["sample", str(run), "--num-samples", "1", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "samples.png").stat().st_size > 0
     assert (tmp_path / "s" / "turntable.gif").stat().st_size > 0
+    image = Path(__file__).resolve().parents[1] / "examples" / "inputs" / "minens_0.png"
+    assert main(["sample", str(run), "--input", str(image), "--num-samples", "1", "--steps", "2", "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "samples.png").stat().st_size > 0
 
 
 def test_kill_then_resume_continues_from_last_checkpoint(tmp_path):
