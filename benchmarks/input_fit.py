@@ -1,8 +1,9 @@
 """The input fit (``diffusion.input_fit_steps``) side by side: for a shipped model's held-out
 viewsets, one row per object: the true views (the first is the input), the sample without the fit,
-the sample with it (same seed, DDIM at the recipe's steps).
+the sample with it (same seed, DDIM at the recipe's steps; the fit's steps and rate are the
+model's recipe's unless --fit-steps is given).
 
-    python benchmarks/input_fit.py [minens-voxel cars-voxel] [--objects 6] [--fit-steps 5]
+    python benchmarks/input_fit.py [minens-voxel cars-voxel] [--objects 6] [--fit-steps N]
 
 Writes docs/images/input_fit_<name>.png and prints the input-view PSNR of both samples.
 """
@@ -22,8 +23,9 @@ from vsd.apps.metrics import psnr
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def compare(name: str, objects: int, fit_steps: int) -> dict:
+def compare(name: str, objects: int, fit_steps: int | None) -> dict:
     model = vsd.load(name).model
+    fit_steps = fit_steps or model.recipe.diffusion.input_fit_steps or 2
     held = pretrained.heldout(name)
     images, cams = held["images"][:objects], held["cameras"][:objects]
     rows, scores = [], {0: [], fit_steps: []}
@@ -44,7 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", default=["minens-voxel", "cars-voxel"])
     p.add_argument("--objects", type=int, default=6)
-    p.add_argument("--fit-steps", type=int, default=5)
+    p.add_argument("--fit-steps", type=int, default=None, help="default: the recipe's input_fit_steps (2 if it has none)")
     args = p.parse_args()
     torch.set_num_threads(1)
     with torch.no_grad():

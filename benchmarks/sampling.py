@@ -64,13 +64,16 @@ def run(args) -> dict:
         diff = (a - b).abs().max().item()
         t_off, t_on, ratio = timeit_pair(lambda: reconstruct(steps, 0, False), lambda: reconstruct(steps, 0, True), args.cache_repeats, 0, args.device)
         # fitting the volume to the clean view at every sampler step (diffusion.input_fit_steps)
-        t_plain, t_fit, fit_ratio = timeit_pair(lambda: reconstruct(steps, 0, fit=0), lambda: reconstruct(steps, 0, fit=args.fit_steps),
-                                                args.cache_repeats, 0, args.device)  # fmt: skip
-    fit = {"steps": steps, "fit_steps": args.fit_steps, "plain_s": t_plain["median"], "fit_s": t_fit["median"], "cost": 1 / fit_ratio}
+        fit = []
+        for n in args.fit_steps:
+            t_plain, t_fit, fit_ratio = timeit_pair(lambda: reconstruct(steps, 0, fit=0), lambda: reconstruct(steps, 0, fit=n),
+                                                    args.cache_repeats, 0, args.device)  # fmt: skip
+            fit.append({"steps": steps, "fit_steps": n, "plain_s": t_plain["median"], "fit_s": t_fit["median"], "cost": 1 / fit_ratio})
     mean_img = ((images[:, 0] + 1) / 2).mean(0)  # a weak baseline: the mean conditioning image
     cache = {"steps": steps, "no_cache_s": t_off["median"], "cache_s": t_on["median"], "speedup": ratio, "max_abs_diff": diff}
     md = table(rows, ["steps", "seconds", "psnr", "overhead"])
-    md += f"\n\ninput fit ({args.fit_steps} Adam steps per sampler step) at {steps} steps: {t_plain['median']:.2f} s -> {t_fit['median']:.2f} s ({1 / fit_ratio:.2f}x the time)"
+    for f in fit:
+        md += f"\n\ninput fit ({f['fit_steps']} Adam steps per sampler step) at {steps} steps: {f['plain_s']:.2f} s -> {f['fit_s']:.2f} s ({f['cost']:.2f}x the time)"
     md += f"\n\none denoiser forward: {forward * 1e3:.1f} ms; feature cache at {steps} steps: {t_off['median']:.2f} s -> {t_on['median']:.2f} s ({ratio:.2f}x), max |diff| {diff:.2e}"
     return {"model": args.model, "objects": N, "views": V, "forward_s": forward, "rows": rows, "cache": cache, "input_fit": fit,
             "mean_input_psnr": psnr(mean_img.expand_as(truth).cpu(), truth.cpu()).mean().item(), "markdown": md}
@@ -81,5 +84,5 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, nargs="*", default=[10, 25, 50, 100, 250], help="step counts of the speed/quality curve (none: only the cache comparison)")
     p.add_argument("--objects", type=int, default=8)
     p.add_argument("--cache-steps", type=int, default=50)
-    p.add_argument("--fit-steps", type=int, default=5, help="input-fit steps per sampler step timed against none")
+    p.add_argument("--fit-steps", type=int, nargs="*", default=[2, 5], help="input-fit steps per sampler step, each timed against none")
     p.add_argument("--cache-repeats", type=int, default=7, help="interleaved pairs timed for the cache comparison")
