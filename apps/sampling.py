@@ -88,15 +88,25 @@ def sample_to_files(
     return {"views": result.save_views(out / "samples.png"), "turntable": result.turntable(out / "turntable.gif")}
 
 
+def input_camera(input_image, camera):
+    """The (1,) Cameras of the JSON ``camera`` file of ``input_image``, or None without a file;
+    a camera without an image, or a file that does not read, is a DataError naming it."""
+    from .pipeline import read_camera
+
+    if camera is None:
+        return None
+    if input_image is None:
+        raise DataError(f"--camera {camera} gives the camera of an input image, but no --input image was given")
+    return read_camera(camera)
+
+
 def sample(model: ViewsetDiffusion, *, input_image=None, camera=None, num_samples: int = 4, views=None, seed: int = 0, steps=None,
            guidance=None, elevation: float = 0.0, progress: bool = True):  # fmt: skip
     """One entry for the CLI commands: a :class:`vsd.api.Result` from the Python API; ``camera``:
     a JSON camera file of ``input_image`` (:func:`vsd.apps.pipeline.read_camera`)."""
-    from .pipeline import Pipeline, read_camera
+    from .pipeline import Pipeline
 
-    if camera is not None and input_image is None:
-        raise DataError(f"--camera {camera} gives the camera of an input image, but no --input image was given")
-    cameras = read_camera(camera) if camera is not None else None
+    cameras = input_camera(input_image, camera)
     pipe = Pipeline(model)
     if input_image is None:
         return pipe.generate(num_samples, views=views, steps=steps, seed=seed, elevation=elevation, progress=progress)

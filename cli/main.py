@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..apps.memory import keep_freed_memory
-from ..core.errors import DataError, VsdError, VsdNotice
+from ..core.errors import VsdError, VsdNotice
 from .console import err, out
 
 app = typer.Typer(
@@ -145,13 +145,9 @@ class OutputExistsError(VsdError):
 
 def check_camera(input: Path | None, camera: Path | None) -> None:
     """Refuse, before any work, a --camera without an --input image or a camera file that does not read."""
-    from ..apps.pipeline import read_camera
+    from ..apps.sampling import input_camera
 
-    if camera is None:
-        return
-    if input is None:
-        raise DataError(f"--camera {camera} gives the camera of an input image, but no --input image was given")
-    read_camera(camera)
+    input_camera(input, camera)
 
 
 def default_name(checkpoint: Path, input: Path | None) -> str:

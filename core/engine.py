@@ -105,7 +105,10 @@ class ViewsetDiffusion(nn.Module):
 
     def predict_from_features(self, feats: ViewFeatures, render_cameras: Cameras, background: Tensor | None = None) -> Prediction:
         """The second half of :meth:`predict`, from per-view features (see Denoiser.encode_views)."""
-        volume = self.denoiser.decode(feats)
+        return self.predict_from_volume(self.denoiser.decode(feats), render_cameras, background)
+
+    def predict_from_volume(self, volume: Tensor, render_cameras: Cameras, background: Tensor | None = None) -> Prediction:
+        """The scene a feature volume (B, C, D, D, D) holds, rendered at ``render_cameras``."""
         scene = self.representation(volume)
         bg = self.background(render_cameras.shape[0], render_cameras.device) if background is None else background
         out = self.renderer(scene, render_cameras, bg)
@@ -244,27 +247,20 @@ class ViewsetDiffusion(nn.Module):
         return (out * 2 - 1).clamp(-1, 1)
 
     # ---- sampling ------------------------------------------------------------------------------
-    def fit_to_views(self, pred: Prediction, cameras: Cameras, images: Tensor, background: Tensor, steps: int | None = None) -> Prediction:
-        """Fit ``pred``'s feature volume to the first k = ``images.shape[1]`` views' pixels
-        (``steps`` Adam steps on the rendered MSE, default ``diffusion.input_fit_steps``, at
-        ``diffusion.input_fit_lr``) and render the result at
-        every camera: a data-consistency step that keeps a sample faithful to its own inputs."""
-        d = self.recipe.diffusion
-        k = images.shape[1]
-        volume = pred.volume.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([volume], lr=d.input_fit_lr)
+    def fit_to_views(self, volume: Tensor, cameras: Cameras, images: Tensor, background: Tensor, steps: int) -> Tensor:
+        """``steps`` Adam steps (at ``diffusion.input_fit_lr``) on the MSE of the feature volume's
+        renders at ``cameras`` (B, k) against ``images`` (B, k, 3, H, W) in [-1, 1]; returns the
+        fitted volume: a data-consistency step that keeps a sample faithful to its own inputs."""
+        volume = volume.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([volume], lr=self.recipe.diffusion.input_fit_lr)
         target = (images + 1) / 2
         with torch.enable_grad():
-            for _ in range(d.input_fit_steps if steps is None else steps):
-                rgb = self.renderer(self.representation(volume), cameras[:, :k], background)["rgb"]
-                loss = F.mse_loss(rgb, target)
+            for _ in range(steps):
+                loss = F.mse_loss(self.renderer(self.representation(volume), cameras, background)["rgb"], target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        volume = volume.detach()
-        scene = self.representation(volume)
-        out = self.renderer(scene, cameras, background)
-        return Prediction(out["rgb"] * 2 - 1, out, scene, volume)
+        return volume.detach()
 
     @torch.no_grad()
     def sample(
@@ -321,12 +317,14 @@ class ViewsetDiffusion(nn.Module):
             x_in = torch.where(clean[..., None, None, None], cond, x)
             if cached is not None:
                 noisy = self.denoiser.encode_views(x_in[:, k:], cameras[:, k:], ts[:, k:], self_cond[:, k:])
-                pred = self.predict_from_features(ViewFeatures.cat([cached, noisy]), cameras, bg)
+                feats = ViewFeatures.cat([cached, noisy])
             else:
                 noisy = None
-                pred = self.predict(x_in, cameras, ts, self_cond, background=bg)
-            if k and fit:
-                pred = self.fit_to_views(pred, cameras, cond[:, :k], bg, fit)
+                feats = self.denoiser.encode_views(x_in, cameras, ts, self_cond)
+            volume = self.denoiser.decode(feats)
+            if k and fit:  # rendered once, from the fitted volume
+                volume = self.fit_to_views(volume, cameras[:, :k], cond[:, :k], bg, fit)
+            pred = self.predict_from_volume(volume, cameras, bg)
             x0 = pred.x0.clamp(-1, 1) if d.clip_x0 else pred.x0
             if k and w != 0:
                 if noisy is None:

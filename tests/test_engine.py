@@ -31,15 +31,15 @@ def test_conditioning_views_pass_through_at_t0(tiny_recipe):
     model.eval()
     batch = collate_viewsets([ds[0], ds[1]]).select_views(slice(0, 3))
     seen = []
-    real_predict = model.predict
+    real_encode = model.denoiser.encode_views
 
     def spy(images, cameras, timesteps, self_cond, *a, **k):
         seen.append((images.clone(), timesteps.clone()))
-        return real_predict(images, cameras, timesteps, self_cond, *a, **k)
+        return real_encode(images, cameras, timesteps, self_cond, *a, **k)
 
-    model.predict = spy
+    model.denoiser.encode_views = spy
     cond = batch.images[:, :1]
-    # the uncached path feeds every view through predict (the cache gives the same result: below)
+    # the uncached path encodes every view at each step (the cache gives the same result: below)
     out = model.sample(batch.cameras, cond, steps=3, generator=torch.Generator().manual_seed(0), cache_conditioning=False)
     assert len(seen) == 3
     for images, ts in seen:
@@ -56,10 +56,10 @@ def test_unconditional_sampling_has_no_clean_view(tiny_recipe):
     model.eval()
     batch = collate_viewsets([ds[0]]).select_views(slice(0, 3))
     seen = []
-    real_predict = model.predict
-    model.predict = lambda images, cameras, ts, sc, *a, **k: (seen.append(ts.clone()), real_predict(images, cameras, ts, sc, *a, **k))[1]
+    real_encode = model.denoiser.encode_views
+    model.denoiser.encode_views = lambda images, cameras, ts, sc, *a, **k: (seen.append(ts.clone()), real_encode(images, cameras, ts, sc, *a, **k))[1]
     out = model.sample(batch.cameras, None, steps=2, generator=torch.Generator().manual_seed(0))
-    assert (seen[0] > 0).all() and all((ts == ts[0, 0]).all() for ts in seen)
+    assert len(seen) == 2 and (seen[0] > 0).all() and all((ts == ts[0, 0]).all() for ts in seen)
     assert out.x0.min() >= -1 and out.x0.max() <= 1
 
 
