@@ -160,13 +160,13 @@ def test_training_then_sampling_write_a_line_per_slow_step(tmp_path, monkeypatch
     assert all("eta " in m["rest"] for m in train[1:-1]) and "took " in train[-1]["rest"]
 
     monkeypatch.setattr(Trainer, "train_step", step)
-    predict = ViewsetDiffusion.predict
+    predict = ViewsetDiffusion.predict_from_volume  # once per sampler step
 
     def slow_predict(self, *args, **kwargs):
         time.sleep(SLOW)
         return predict(self, *args, **kwargs)
 
-    monkeypatch.setattr(ViewsetDiffusion, "predict", slow_predict)
+    monkeypatch.setattr(ViewsetDiffusion, "predict_from_volume", slow_predict)
     assert main(["sample", str(run), "--num-samples", "1", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     sample = _lines_of(capsys.readouterr().err, "generate (1 sample)")
     assert [(m["done"], m["total"]) for m in sample] == [("0", "2"), ("1", "2"), ("2", "2")]
