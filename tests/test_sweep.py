@@ -229,11 +229,28 @@ def test_sweep_over_a_third_party_representation(tmp_path):
     assert json.loads((run / "eval" / "metrics.json").read_text())["objects"] == 2
 
 
-def test_ray_executor_runs_each_run_as_a_task(tmp_path, monkeypatch):
+def _ray_cannot_start(timeout: float = 120.0) -> str | None:
+    """Why a local Ray instance cannot start here (None when it starts): probed in a child
+    process group, so a start that hangs is killed whole instead of hanging the suite."""
     spec = importlib.util.find_spec("ray")
     if spec is None or spec.origin is None:  # absent, or only a folder named ray on sys.path
-        pytest.skip("ray is not installed")
+        return "ray is not installed"
+    code = "import ray; ray.init(num_cpus=1, include_dashboard=False); ray.shutdown()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return f"a local Ray instance did not start within {timeout:.0f} s on this machine"
+    return None if proc.returncode == 0 else f"a local Ray instance failed to start: {err.decode(errors='replace')[-300:]}"
+
+
+def test_ray_executor_runs_each_run_as_a_task(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray instance
+    reason = _ray_cannot_start()
+    if reason:
+        pytest.skip(reason)
     path = write_sweep(tmp_path, "ray", runs=[{"aggregator.type": "max"}])
     assert main(["sweep", str(path), "--executor", "ray", "--threads", "1"]) == 0
     (row,) = read_csv(tmp_path / "ray" / "results.csv")
