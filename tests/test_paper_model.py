@@ -23,30 +23,23 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from vsd.core.cameras import Cameras
 from vsd.core.paper import OriginalCheckpointError, PaperCameras, PaperDenoiser, PaperDenoiserConfig
 
-FIXTURE = Path(__file__).parent / "fixtures" / "paper_model_parity.safetensors"
+from paper_fixtures import original_state, read
+
+FIXTURE = "paper_model_parity.safetensors"
 
 
 @pytest.fixture(scope="module")
 def golden():
     """(original config dict, original-format state dict, inputs, outputs) from the fixture."""
-    with safe_open(str(FIXTURE), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    exps = json.loads(meta["exponents"])
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith("state/"):
-            name = key[len("state/"):]
-            state[name] = value.float() * 2.0 ** exps[name] if name in exps else value
+    meta, tensors = read(FIXTURE)
+    state = original_state(meta, tensors)
     inputs = {k.split("/")[1]: v.float() if v.is_floating_point() else v
               for k, v in tensors.items() if k.startswith(("input/", "original/"))}
     outputs = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("output/")}
@@ -56,8 +49,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def co3d_config():
-    with safe_open(str(FIXTURE), "pt") as f:
-        return json.loads(f.metadata()["co3d_config"])
+    return json.loads(read(FIXTURE)[0]["co3d_config"])
 
 
 def viewset(inputs):

@@ -13,11 +13,9 @@ rounded to float16 before it ran.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from vsd.core.paper import (
     OriginalCheckpointError,
@@ -28,21 +26,16 @@ from vsd.core.paper import (
     original_key_map,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "paper_network_parity.safetensors"
+from paper_fixtures import original_state, read
+
+FIXTURE = "paper_network_parity.safetensors"
 
 
 @pytest.fixture(scope="module")
 def golden():
     """(original-format state dict, config, inputs, outputs) from the fixture."""
-    with safe_open(str(FIXTURE), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    exps = json.loads(meta["exponents"])
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith("state/"):
-            name = key[len("state/"):]
-            state[name] = value.float() * 2.0 ** exps[name] if name in exps else value
+    meta, tensors = read(FIXTURE)
+    state = original_state(meta, tensors)
     config = PaperNetworkConfig(**json.loads(meta["config"]))
     inputs = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("input/")}
     outputs = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("output/")}
