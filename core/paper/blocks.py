@@ -10,24 +10,15 @@ their outputs with the same arithmetic, so nothing here is "improved".
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..embeddings import sinusoidal_embedding
+
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 GROUPS = 8
-
-
-def sinusoid(timesteps: Tensor, dim: int) -> Tensor:
-    """``timesteps: (N,)`` (integer steps, not rescaled) -> ``(N, dim)``: sines then cosines of
-    ``dim // 2`` frequencies from 1 down to 1e-4, spaced geometrically over ``dim // 2 - 1`` steps."""
-    half = dim // 2
-    step = math.log(10000) / (half - 1)
-    freqs = torch.exp(torch.arange(half, device=timesteps.device) * -step)
-    args = timesteps.float()[:, None] * freqs[None, :]
-    return torch.cat((args.sin(), args.cos()), dim=-1)
 
 
 class TimeEmbedding(nn.Module):
@@ -40,7 +31,7 @@ class TimeEmbedding(nn.Module):
         self.fc2 = nn.Linear(out_dim, out_dim)
 
     def forward(self, timesteps: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(sinusoid(timesteps, self.sinusoid_dim))))
+        return self.fc2(F.gelu(self.fc1(sinusoidal_embedding(timesteps, self.sinusoid_dim, reach_max_period=True))))
 
 
 class ResBlock(nn.Module):
