@@ -24,7 +24,8 @@ from .apps.pretrained import names as pretrained_names  # noqa: F401
 
 def load(path_or_name: str | Path, device: str = "auto", ema: bool = True) -> Pipeline:
     """A :class:`Pipeline` from a checkpoint file, a run directory (its newest intact
-    checkpoint) or the name of a shipped model; EMA weights by default. A model trained for
+    checkpoint), the name of a shipped or imported model (``vsd-run import``), or a released
+    original experiment's folder (converted in memory); EMA weights by default. A model trained for
     fewer than 1,000 steps is loaded with a note on stderr: its samples look like noise."""
     from .apps.sampling import load_model
 

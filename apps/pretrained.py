@@ -31,16 +31,29 @@ def names(root: Path = PRETRAINED_DIR) -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/model.safetensors")) if root.is_dir() else []
 
 
+def imported_names() -> list[str]:
+    """Names of the models imported with ``vsd-run import`` (in :func:`~vsd.apps.paper_import.models_dir`)."""
+    from .paper_import import models_dir
+
+    return names(models_dir())
+
+
 def resolve(path_or_name: str | Path, root: Path = PRETRAINED_DIR) -> Path:
-    """An existing checkpoint/run path as given, else the weights of the shipped model of that name."""
+    """An existing checkpoint/run path as given, else the weights of the shipped model of that
+    name, else those of the imported model of that name."""
+    from .paper_import import models_dir
+
     p = Path(path_or_name)
     if p.exists():
         return p
-    shipped = root / p.name / "model.safetensors"
-    if shipped.is_file():
-        return shipped
+    for folder in (root, models_dir()):
+        weights = folder / p.name / "model.safetensors"
+        if p.name and weights.is_file():
+            return weights
     known = ", ".join(names(root)) or "none are shipped in this install"
-    raise DataError(f"{path_or_name} is neither a checkpoint file, a run directory nor a shipped model name (shipped: {known})")
+    imported = ", ".join(imported_names()) or "none"
+    raise DataError(f"{path_or_name} is neither a checkpoint file, a run directory nor a model name (shipped: {known}; "
+                    f"imported with vsd-run import: {imported})")
 
 
 def save_heldout(path: str | Path, test_set, train_set, objects: int, views: int, mean_over: int = 256) -> Path:

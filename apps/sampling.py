@@ -19,10 +19,14 @@ def load_model(checkpoint: str | Path, device: str = "auto", ema: bool = True, *
     weights by default), in eval mode. A file whose recipe, scene geometry or weights do not make
     a model (wrong shapes, NaN or Inf) is a DataError or RecipeError naming it. ``notice``: say on
     stderr when the model has trained too few steps to give anything but noise."""
+    from .paper_import import import_experiment, is_original_experiment
     from .pretrained import resolve
 
-    state = load_checkpoint(resolve(checkpoint))
-    model = model_from_state(state, ema=ema)
+    if is_original_experiment(checkpoint):  # a released original experiment, converted in memory
+        model, state = import_experiment(checkpoint, Path(checkpoint).name or "original")
+    else:
+        state = load_checkpoint(resolve(checkpoint))
+        model = model_from_state(state, ema=ema)
     if notice and (text := untrained_notice(state, checkpoint)):
         print(text, file=sys.stderr, flush=True)
     return model.to(select_device(device if device != "auto" else model.recipe.device)).eval()

@@ -23,6 +23,7 @@ from torch import nn
 from ..core import distributed
 from ..core.checkpoint import info_to_dict, load_checkpoint, save_run_checkpoint
 from ..core.engine import ViewsetDiffusion
+from ..core.models import build_model
 from ..core.errors import DataError, RecipeError, VsdError
 from ..core.progress import Progress
 from ..core.recipe import Recipe
@@ -195,7 +196,7 @@ class Trainer:
         self.val_set = build_dataset(recipe, "val")
         if len(self.train_set) == 0:
             raise VsdError(f"recipe {recipe.source}: the training split of data ({recipe.data.type}) is empty")
-        self.model = ViewsetDiffusion(recipe, self.train_set.info).to(self.device)
+        self.model = build_model(recipe, self.train_set.info).to(self.device)
         if tr.init_from and not resume:
             initialise_from(self.model, tr.init_from, quiet=self.quiet)
         self.opt = make_optimizer(self.model, tr.lr)

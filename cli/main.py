@@ -196,7 +196,7 @@ def _register_command_modules() -> None:
         mod.register(app)
 
 
-COMMAND_MODULES = ("eval", "data", "export", "refine", "sweep", "pack")
+COMMAND_MODULES = ("eval", "data", "export", "refine", "sweep", "pack", "importer")
 _register_command_modules()
 
 

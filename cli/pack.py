@@ -28,9 +28,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command("models")
     def models() -> None:
-        """List the models shipped with this install (names for vsd.load and vsd-run sample)."""
+        """List the models shipped with this install and those imported (names for vsd.load and vsd-run sample)."""
         from .console import out
         from ..apps.pretrained import PRETRAINED_DIR, load_weights, names
+
+        from ..apps.paper_import import models_dir
 
         shipped = names()
         for n in shipped:
@@ -38,3 +40,6 @@ def register(app: typer.Typer) -> None:
             out.print(f"{n}  (step {w['step']}, {len(w['ema'])} tensors)", markup=False, highlight=False)
         if not shipped:
             out.print("no models are shipped in this install", markup=False)
+        for n in names(models_dir()):
+            w = load_weights(models_dir() / n / "model.safetensors")
+            out.print(f"{n}  (imported, step {w['step']}, {len(w['ema'])} tensors)", markup=False, highlight=False)

@@ -463,6 +463,8 @@ def check_budget(recipe, *, sampling_only: bool = False) -> None:
     (only sampling with ``sampling_only``) exceeds the limit (:func:`memory_limit`), naming the
     key most responsible. When the limit is the recipe's own ``train.memory_limit_gb`` and the
     machine could hold the estimate, the key named is ``train.memory_limit_gb``."""
+    if getattr(recipe, "paper", None) is not None:
+        return  # the paper network's memory is not modelled here
     limit, where = memory_limit(recipe)
     if limit is None:
         return

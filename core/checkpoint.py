@@ -195,14 +195,14 @@ def load_state_checked(module: torch.nn.Module, state_dict, source, label: str =
 def model_from_state(state: dict, ema: bool = True):
     """The :class:`~vsd.core.engine.ViewsetDiffusion` a checkpoint state describes (its embedded
     recipe and scene geometry), holding its EMA (or raw) weights; in train mode, on the CPU."""
-    from .engine import ViewsetDiffusion
+    from .models import build_model
     from .recipe import load_recipe_dict
 
     path = state.get("path", "<checkpoint>")
     recipe = load_recipe_dict(recipe_from_state(state), source=f"{path} (embedded recipe)", budget="sample")
     info = info_from_dict(state.get("info"), path)
     try:
-        model = ViewsetDiffusion(recipe, info)
+        model = build_model(recipe, info)
     except (ValueError, TypeError, KeyError) as exc:
         raise DataError(f"{describe(path)}: its embedded recipe does not build a model ({type(exc).__name__}: {_first_line(exc)})") from None
     key = "ema" if ema else "model"
@@ -237,10 +237,15 @@ def recipe_settings(recipe) -> dict:
     flat = {"name": recipe.raw.get("name"), "seed": recipe.seed, "device": recipe.device}
     for slot in SLOT_KEYS:
         spec = getattr(recipe, slot)
+        if spec is None:  # a paper recipe's network is its `paper` section
+            continue
         flat[f"{slot}.type"] = spec.type
         _flatten(spec.settings.model_dump(), slot, flat)
     for sec in ENGINE_SECTIONS:
-        _flatten(getattr(recipe, sec).model_dump(), sec, flat)
+        if getattr(recipe, sec) is not None:
+            _flatten(getattr(recipe, sec).model_dump(), sec, flat)
+    if getattr(recipe, "paper", None) is not None:
+        _flatten(recipe.paper, "paper", flat)
     return flat
 
 

@@ -191,11 +191,15 @@ class ViewsetDiffusion(nn.Module):
             "mse": per_view[:, :V].mean().detach(),
             "mse_heldout": per_view[:, V:].mean().detach() if Vt > V else torch.zeros((), device=dev),
         }
-        reg = self.representation.regulariser(pred.volume)
+        reg = self.regulariser(pred.volume)
         if reg is not None:
             loss = loss + reg
             stats["regulariser"] = reg.detach()
         return loss, {"loss": loss.detach(), **stats}
+
+    def regulariser(self, volume: Tensor) -> Tensor | None:
+        """The representation's regularising loss on a predicted feature volume, or None."""
+        return self.representation.regulariser(volume)
 
     def view_weights(self, t: Tensor, clean: Tensor) -> Tensor:
         """Loss weight of every rendered view, (B, V + heldout), from the viewset's noise level t
@@ -338,3 +342,4 @@ class ViewsetDiffusion(nn.Module):
         # DDIM/DDPM end on the last x0-prediction, so the final pass's scene is the sample's 3D
         # object and its renders are the sampled views
         return pred
+

@@ -114,7 +114,11 @@ class SampleSettings(Settings):
 
 
 ENGINE_SECTIONS = ("model", "diffusion", "train", "sample")
-TOP_LEVEL = {"extends", "name", "seed", "device", *SLOT_KEYS, *ENGINE_SECTIONS}
+# `paper`: the released network of the paper, described by the original experiment config's own
+# `model`, `render` and `data` sections (vsd.core.paper); it replaces the plugin slots and `model`
+PAPER_SECTION = "paper"
+PAPER_REPLACES = ("encoder", "aggregator", "representation", "renderer", "model")
+TOP_LEVEL = {"extends", "name", "seed", "device", *SLOT_KEYS, *ENGINE_SECTIONS, PAPER_SECTION}
 
 
 class TopSettings(Settings):
@@ -150,7 +154,10 @@ class PluginSpec:
 
 @dataclass
 class Recipe:
-    """A validated recipe. ``raw`` is the fully resolved mapping (extends and overrides applied)."""
+    """A validated recipe. ``raw`` is the fully resolved mapping (extends and overrides applied).
+
+    A paper recipe (one with a ``paper`` section) has no encoder, aggregator, representation,
+    renderer or model settings (None): the ``paper`` mapping describes the whole network."""
 
     source: str
     raw: dict
@@ -158,14 +165,19 @@ class Recipe:
     seed: int
     device: str
     data: PluginSpec
-    encoder: PluginSpec
-    aggregator: PluginSpec
-    representation: PluginSpec
-    renderer: PluginSpec
-    model: Settings
+    encoder: PluginSpec | None
+    aggregator: PluginSpec | None
+    representation: PluginSpec | None
+    renderer: PluginSpec | None
+    model: Settings | None
     diffusion: Settings
     train: TrainSettings
     sample: SampleSettings
+    paper: dict | None = None
+
+    @property
+    def is_paper(self) -> bool:
+        return self.paper is not None
 
     def dump(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
@@ -391,6 +403,9 @@ def validate(raw: dict, source: str, registry: Registry, *, budget: Literal["tra
         if key not in TOP_LEVEL:
             raise RecipeError(source, clip(str(key)), f"unknown section{_closest(clip(str(key)), TOP_LEVEL - {'extends'})}; expected one of: {', '.join(sorted(TOP_LEVEL - {'extends'}))}")
     top = _settings(TopSettings, {k: raw[k] for k in ("name", "seed", "device") if k in raw}, source, "<top level>")
+    paper = raw.get(PAPER_SECTION)
+    if paper is not None:
+        return _validate_paper(raw, source, registry, top, budget)
     plugins = {key: _plugin(raw, key, source, registry) for key in SLOT_KEYS}
     engine = {}
     for sec, schema in _engine_schemas().items():
@@ -408,15 +423,44 @@ def validate(raw: dict, source: str, registry: Registry, *, budget: Literal["tra
             f"{rep.type!r} is a {rep.cls.kind}; use one of: {', '.join(sorted(fits)) or 'none installed'}",
         )
     _check_cross(raw, source, plugins, engine)
-    name = top.name or Path(source).stem
-    if name in ("", ".", ".."):  # a file named e.g. "...yaml" gives no run folder of its own
-        name = "recipe"
-    recipe = Recipe(source, raw, name, top.seed, top.device, **plugins, **engine)
+    recipe = Recipe(source, raw, _run_name(top, source), top.seed, top.device, **plugins, **engine)
     if budget is not None:
         from .budget import check_budget
 
         check_budget(recipe, sampling_only=budget == "sample")
     return recipe
+
+
+def _run_name(top: TopSettings, source: str) -> str:
+    name = top.name or Path(source).stem
+    return "recipe" if name in ("", ".", "..") else name  # a file named e.g. "...yaml" gives no run folder of its own
+
+
+def _validate_paper(raw: dict, source: str, registry: Registry, top: TopSettings, budget) -> Recipe:
+    """A paper recipe: the ``paper`` section (the original experiment config's ``model``, ``render``
+    and ``data`` sections) instead of the plugin slots and ``model``; ``data``, ``diffusion``,
+    ``train`` and ``sample`` as in any recipe, checked against it. (Memory is not estimated.)"""
+    from .paper.recipe import check_paper_recipe
+
+    for key in PAPER_REPLACES:
+        if key in raw:
+            raise RecipeError(source, key, f"does not apply to a paper recipe: its `{PAPER_SECTION}` section "
+                              "describes the whole network (encoder, aggregation, 3D U-Net, voxel heads and renderer); remove it")
+    paper = raw[PAPER_SECTION]
+    if not isinstance(paper, dict):
+        raise RecipeError(source, PAPER_SECTION, f"expected the original config's `model`, `render` and `data` sections as a mapping, got {short(paper)}")
+    data = _plugin(raw, "data", source, registry)
+    engine = {}
+    for sec, schema in _engine_schemas().items():
+        if sec == "model":
+            continue
+        block = raw.get(sec) or {}
+        if not isinstance(block, dict):
+            raise RecipeError(source, sec, f"expected a mapping of settings, got {short(block)}")
+        engine[sec] = _settings(schema, block, source, sec)
+    _check_cross(raw, source, {"data": data, "aggregator": None}, {**engine, "model": None})
+    check_paper_recipe(paper, data, engine["diffusion"], source)
+    return Recipe(source, raw, _run_name(top, source), top.seed, top.device, data, None, None, None, None, None, paper=paper, **engine)
 
 
 def _check_cross(raw: dict, source: str, plugins: dict, engine: dict) -> None:
@@ -431,7 +475,7 @@ def _check_cross(raw: dict, source: str, plugins: dict, engine: dict) -> None:
             f"gives probabilities for up to {len(train.cond_probs) - 1} clean views, but viewsets have only "
             f"{views - train.heldout_views} views (data.views - train.heldout_views) and at least one must be noisy",
         )
-    heads = getattr(plugins["aggregator"].settings, "heads", None)
+    heads = getattr(plugins["aggregator"].settings, "heads", None) if plugins["aggregator"] is not None else None
     if isinstance(heads, int) and heads > 1:
         model = engine["model"]
         widths = sorted({model.base_channels * m for m in model.channel_mult})

@@ -26,6 +26,26 @@ TINY = [
 ]
 
 
+# The same for a paper recipe (its `paper` section replaces `model`): the released network at a
+# 4^3 unprojection grid, 8 channels, 16 px.
+PAPER_TINY = [o for o in TINY if not o.startswith("model.")] + [
+    "paper.model.volume_size=4",
+    "paper.model.unet.input_dim=16",
+    "paper.model.unet.model_channels=8",
+    "paper.model.unet.blocks_per_res=1",
+    "paper.model.unet.channel_mult=[1, 2]",
+    "paper.model.unet.attn_resolutions=[2]",
+    "paper.render.volume_size=8",
+    "paper.render.n_pts_per_ray=12",
+    "paper.data.input_size=[16, 16]",
+]
+
+
+def tiny_overrides(recipe_name: str) -> list[str]:
+    """TINY, or PAPER_TINY for the paper recipes."""
+    return PAPER_TINY if recipe_name.startswith("paper_") else TINY
+
+
 @pytest.fixture(autouse=True)
 def _small_torch():
     torch.set_num_threads(1)

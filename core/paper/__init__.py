@@ -8,6 +8,7 @@ loop on it (:func:`sample_paper`)."""
 from .config import PaperNetworkConfig
 from .convert import OriginalCheckpointError, convert_original_state_dict, infer_config, original_key_map
 from .geometry import PaperCameras, PaperVolume, ndc_pixel_grid, pose_embedding, unproject_paper, voxel_sample_grid
+from .importer import OriginalExperiment, read_original_experiment
 from .model import PaperDenoiser, PaperDenoiserConfig
 from .network import PaperVoxelNetwork
 from .render import (
@@ -21,8 +22,8 @@ from .render import (
 from .sampling import PaperDiffusion, PaperSample, sample_paper
 
 __all__ = [
-    "OriginalCheckpointError", "PaperCameras", "PaperDenoiser", "PaperDenoiserConfig", "PaperDiffusion", "PaperNetworkConfig", "PaperRender", "PaperRenderSettings", "PaperSample",
+    "OriginalCheckpointError", "OriginalExperiment", "PaperCameras", "PaperDenoiser", "PaperDenoiserConfig", "PaperDiffusion", "PaperNetworkConfig", "PaperRender", "PaperRenderSettings", "PaperSample",
     "PaperVolume", "PaperVoxelNetwork", "convert_original_state_dict", "density_to_alpha", "ea_weights",
-    "infer_config", "ndc_pixel_grid", "original_key_map", "pose_embedding", "render_paper", "sample_paper", "sample_pdf",
+    "infer_config", "ndc_pixel_grid", "original_key_map", "pose_embedding", "read_original_experiment", "render_paper", "sample_paper", "sample_pdf",
     "unproject_paper", "voxel_sample_grid",
 ]
