@@ -37,6 +37,17 @@ LPIPS (VGG) is computed only when the ``lpips`` package imports *and* VGG backbo
 locally (``lpips_weights`` / the ``VSD_LPIPS_WEIGHTS`` environment variable); nothing is ever
 downloaded. Otherwise every LPIPS field says "unavailable" with the reason.
 
+Protocols (``EvalConfig.protocol``). ``default``: as above, on the views of each dataset item.
+``paper``: the published evaluation's viewset, 1 clean + 3 noisy views, sampled with DDIM (eta 0)
+in 250 steps unless ``steps`` is given, without guidance unless ``guidance`` is given; every view of
+the object but the clean one is scored. Datasets with a ``paper_views = (source, noisy)`` attribute
+(SRN: clean view 64, noisy views 90, 104 and 120, scoring the other 250 views of a 251-view test
+object) name view positions read with ``load``; an object without one of those views is an error
+(exit 2) naming the object and the view. Datasets without that convention (minens, co3d) take view
+0 of each item as the clean view and views 1, 2, 3 as the noisy ones, and score views 1 .. V-1 of
+the item (``run_eval`` builds items of at least 4 views). ``settings.protocol_views`` of
+metrics.json records which.
+
 Resuming: each object's result is appended to ``results.jsonl`` as soon as it is done; running
 the same evaluation again into the same folder skips the objects already there.
 """
@@ -45,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -70,6 +82,17 @@ METRICS_VERSION = 2  # results files of an older set of metrics are not resumed 
 IDENTITY_VIEWS = 4  # target views of each object used to match reconstructions against it
 FOREGROUND_OPACITY = 0.5  # a rendered pixel is foreground where the render's opacity exceeds this
 FOREGROUND_DIFFERENCE = 0.02  # without masks, a true pixel is foreground where it differs from the background by more
+PROTOCOLS = ("default", "paper")
+PAPER_STEPS = 250  # DDIM steps of the published evaluation
+PAPER_GUIDANCE = 0.0  # the published evaluation samples without classifier-free guidance
+PAPER_VIEWSET = 4  # 1 clean + 3 noisy views
+PAPER_ITEM_NOISY = (1, 2, 3)  # noisy views of the items of datasets with no source-view convention
+
+
+class ProtocolError(VsdError):
+    """An evaluation protocol that cannot be applied to this model, dataset or object."""
+
+    exit_code = 2
 
 
 # ---- reductions of per-frame metrics -------------------------------------------------------
@@ -268,17 +291,47 @@ class EvalConfig:
     guidance: float | None = None
     fit_steps: int | None = None
     lpips_weights: str | None = None
+    protocol: str = "default"  # see PROTOCOLS and the module docstring
+
+    @property
+    def paper(self) -> bool:
+        return self.protocol == "paper"
+
+    def sampler_steps(self) -> int | None:
+        """Steps passed to the sampler (None: the recipe's)."""
+        return self.steps or (PAPER_STEPS if self.paper else None)
+
+    def sampler_guidance(self) -> float | None:
+        """Guidance passed to the sampler (None: the recipe's)."""
+        return PAPER_GUIDANCE if self.paper and self.guidance is None else self.guidance
+
+    def check(self, model) -> None:
+        """Refuse (exit 2) a protocol that cannot be applied to ``model``."""
+        if self.protocol not in PROTOCOLS:
+            raise ProtocolError(f"unknown evaluation protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if not self.paper:
+            return
+        if self.cond_views != 1:
+            raise ProtocolError(f"--protocol paper conditions on 1 clean view; --cond-views {self.cond_views} does not apply")
+        timesteps = model.recipe.diffusion.timesteps
+        if not model.recipe.train.deterministic and self.sampler_steps() >= timesteps:
+            raise ProtocolError(f"--protocol paper samples in {self.sampler_steps()} steps but this model has {timesteps} "
+                                f"timesteps; pass --steps below {timesteps}")
 
     def fingerprint(self, model, checkpoint: dict) -> dict:
         keep = {k: v for k, v in asdict(self).items() if k not in ("objects", "lpips_weights")}
-        return {
+        out = {
             **keep,
             "metrics": METRICS_VERSION,
-            "steps": self.steps or model.recipe.diffusion.sampling_steps,
+            "steps": self.sampler_steps() or model.recipe.diffusion.sampling_steps,
             "fit_steps": model.recipe.diffusion.input_fit_steps if self.fit_steps is None else self.fit_steps,
             "samples": 1 if model.recipe.train.deterministic else self.samples,
             "checkpoint": checkpoint,
         }
+        if self.paper:
+            out["guidance"] = self.sampler_guidance()
+            out["sampler"] = "ddim, eta 0"
+        return out
 
 
 def _object_seed(seed: int, index: int) -> int:
@@ -365,14 +418,14 @@ class Gallery:
     views: int
 
 
-def build_gallery(dataset, n_obj: int, k: int, background: Tensor, device) -> Gallery:
-    sl = slice(k, k + IDENTITY_VIEWS)
-    items = [dataset[j] for j in range(n_obj)]
-    n = min(it["images"][sl].shape[0] for it in items)
-    images = torch.cat([((it["images"][sl][:n] + 1) / 2).clamp(0, 1) for it in items]).to(device)
-    masks = None if any(it.get("masks") is None for it in items) else torch.cat([it["masks"][sl][:n] for it in items]).to(device)
-    c2w = torch.cat([it["c2w"][sl][:n] for it in items]).to(device)
-    K = torch.cat([it["K"][sl][:n] for it in items]).to(device)
+def build_gallery(dataset, n_obj: int, cfg: EvalConfig, model, background: Tensor, device) -> Gallery:
+    """The first IDENTITY_VIEWS scored views of each of the first ``n_obj`` objects."""
+    items = [object_views(dataset, j, cfg, model, gallery=True)[1] for j in range(n_obj)]
+    n = min(it["images"].shape[0] for it in items)
+    images = torch.cat([((it["images"][:n] + 1) / 2).clamp(0, 1) for it in items]).to(device)
+    masks = None if any(it.get("masks") is None for it in items) else torch.cat([it["masks"][:n] for it in items]).to(device)
+    c2w = torch.cat([it["c2w"][:n] for it in items]).to(device)
+    K = torch.cat([it["K"][:n] for it in items]).to(device)
     cams = Cameras(c2w[None], K[None], images.shape[-2], images.shape[-1])
     return Gallery(cams, images, truth_mask(images, masks, background), n)
 
@@ -409,21 +462,116 @@ def _input_views(model, total_views: int, k: int) -> int:
     return v_in
 
 
+# ---- which views an object is evaluated on -----------------------------------------------
+@dataclass
+class ViewPlan:
+    """The views of one object an evaluation uses: ``clean`` (conditioning) and ``noisy`` views
+    form the sampled viewset, in that order; ``targets`` are scored. ``positions``: the indices are
+    view positions of the object (``dataset.load``), else views of the item ``dataset[i]``."""
+
+    clean: list[int]
+    noisy: list[int]
+    targets: list[int]
+    positions: bool = False
+
+    @property
+    def viewset(self) -> list[int]:
+        return self.clean + self.noisy
+
+    def record(self) -> dict:
+        return {"clean": self.clean, "noisy": self.noisy, "scored": self.targets,
+                "numbering": "object view positions" if self.positions else "views of the dataset item"}
+
+
+def _object_name(dataset, index: int) -> str:
+    ids = getattr(dataset, "object_ids", None)
+    return f"object {ids[index]} (index {index})" if ids is not None else f"object {index}"
+
+
+def protocol_views(dataset) -> dict:
+    """What ``--protocol paper`` takes from this dataset (recorded in metrics.json settings)."""
+    convention = getattr(dataset, "paper_views", None)
+    if convention is not None:
+        source, noisy = convention
+        return {"clean": [int(source)], "noisy": [int(v) for v in noisy], "scored": f"every view of the object but view {source}",
+                "numbering": "object view positions (sorted view files; SRN: the file number)",
+                "source_view": f"the dataset's convention ({type(dataset).__name__}: view {source})"}
+    return {"clean": [0], "noisy": list(PAPER_ITEM_NOISY), "scored": "every view of the item but view 0",
+            "numbering": "views of the dataset item",
+            "source_view": f"none defined by {type(dataset).__name__}: view 0 of each item is the clean view"}
+
+
+def _paper_plan(dataset, index: int, item_views: int | None = None) -> ViewPlan:
+    """``item_views``: V of the item ``dataset[index]``, for datasets without ``paper_views``."""
+    convention = getattr(dataset, "paper_views", None)
+    if convention is not None:
+        source, noisy = int(convention[0]), [int(v) for v in convention[1]]
+        n = dataset.num_views(index)
+        missing = [v for v in [source, *noisy] if v >= n]
+        if missing:
+            raise ProtocolError(f"{_object_name(dataset, index)} has {n} views (0..{n - 1}), but --protocol paper takes view "
+                                f"{source} as the clean (source) view and views {', '.join(map(str, noisy))} as the noisy "
+                                f"ones: view {missing[0]} does not exist")
+        return ViewPlan([source], noisy, [v for v in range(n) if v != source], positions=True)
+    V = item_views
+    if V < PAPER_VIEWSET:
+        raise ProtocolError(f"{_object_name(dataset, index)} has {V} views per item (0..{V - 1}); --protocol paper takes view 0 "
+                            f"clean and views {', '.join(map(str, PAPER_ITEM_NOISY))} noisy: view {PAPER_ITEM_NOISY[-1]} does "
+                            f"not exist (data.views must be at least {PAPER_VIEWSET})")
+    return ViewPlan([0], list(PAPER_ITEM_NOISY), list(range(1, V)))
+
+
+def _default_plan(model, total_views: int, k: int) -> ViewPlan:
+    v_in = _input_views(model, total_views, k)
+    return ViewPlan(list(range(k)), list(range(k, v_in)), list(range(k, total_views)))
+
+
+def object_views(dataset, index: int, cfg: EvalConfig, model, *, gallery: bool = False) -> tuple[ViewPlan, dict]:
+    """The plan of object ``index`` and its views as an item dict: the viewset (clean, then noisy)
+    followed by the scored views, or (``gallery``) only the first IDENTITY_VIEWS scored views."""
+    full = None
+    if cfg.paper and getattr(dataset, "paper_views", None) is not None:
+        plan = _paper_plan(dataset, index)
+    else:
+        full = dataset[index]
+        V = full["images"].shape[0]
+        plan = _paper_plan(dataset, index, V) if cfg.paper else _default_plan(model, V, cfg.cond_views)
+    views = plan.targets[:IDENTITY_VIEWS] if gallery else plan.viewset + plan.targets
+    if full is None:
+        return plan, dataset.load(index, views)
+    return plan, {key: (v[views] if torch.is_tensor(v) else v) for key, v in full.items()}
+
+
+@contextlib.contextmanager
+def _protocol_sampler(model, cfg: EvalConfig):
+    """Under ``--protocol paper`` the model samples with DDIM, eta 0 (restored afterwards)."""
+    d = model.recipe.diffusion if cfg.paper else None
+    if d is None or (d.sampler == "ddim" and d.eta == 0.0):
+        yield
+        return
+    saved = model.recipe
+    model.recipe = dataclasses.replace(saved, diffusion=d.model_copy(update={"sampler": "ddim", "eta": 0.0}))
+    try:
+        yield
+    finally:
+        model.recipe = saved
+
+
 @torch.no_grad()
 def evaluate_object(model, dataset, index: int, cfg: EvalConfig, *, features=None, lpips_net=None, gallery=None) -> dict:
     """Draw the samples of one viewset and return its result row (JSON-ready) and, in
     unconditional mode, its features under key ``"_features"``. ``gallery`` (conditional mode):
     the objects the first sample's reconstruction is matched against (identity)."""
     dev = next(model.parameters()).device
-    item = dataset[index]
+    plan, item = object_views(dataset, index, cfg, model)
     images = item["images"].to(dev)
-    V, H, W = images.shape[0], images.shape[-2], images.shape[-1]
+    H, W = images.shape[-2], images.shape[-1]
     cams = Cameras(item["c2w"].to(dev), item["K"].to(dev), H, W)
-    k = cfg.cond_views
-    v_in = _input_views(model, V, k)
-    gt = ((images[k:] + 1) / 2).clamp(0, 1)
+    k, v_in = len(plan.clean), len(plan.viewset)
+    target_cams = cams[v_in:]
+    gt = ((images[v_in:] + 1) / 2).clamp(0, 1)
     masks = item.get("masks")
-    mask = truth_mask(gt, None if masks is None else masks[k:].to(dev), model.background(1, dev)[0])
+    mask = truth_mask(gt, None if masks is None else masks[v_in:].to(dev), model.background(1, dev)[0])
     n_total = 1 if model.recipe.train.deterministic else cfg.samples
     gen = torch.Generator().manual_seed(_object_seed(cfg.seed, index))
     acc = _Accumulator(gt, lpips_net, mask)
@@ -432,8 +580,9 @@ def evaluate_object(model, dataset, index: int, cfg: EvalConfig, *, features=Non
     while done < n_total:
         b = min(cfg.batch_size, n_total - done)
         cond = images[None, :k].expand(b, *images[:k].shape) if k else None
-        pred = model.sample(_expand(cams[:v_in], b), cond, steps=cfg.steps, guidance=cfg.guidance, generator=gen, fit_steps=cfg.fit_steps)
-        renders, opacity = _render_targets(model, pred.scene, _expand(cams[k:], b))
+        pred = model.sample(_expand(cams[:v_in], b), cond, steps=cfg.sampler_steps(), guidance=cfg.sampler_guidance(),
+                            generator=gen, fit_steps=cfg.fit_steps)
+        renders, opacity = _render_targets(model, pred.scene, _expand(target_cams, b))
         acc.add(renders, opacity)
         if k:
             # the reconstruction seen from its own conditioning camera(s), against the input
@@ -445,6 +594,8 @@ def evaluate_object(model, dataset, index: int, cfg: EvalConfig, *, features=Non
             gen_feats.append(_features(features, renders.flatten(0, 1)))
         done += b
     row = _row(dataset, index, cams, k, acc)
+    if cfg.paper:
+        row["views"] = plan.record()
     if k:
         row["input_view_psnr"] = [round(x, 4) for x in input_psnr]
         row["colour"] = {"true": acc.true_colour(), "pred": torch.cat(acc.colours).tolist()}
@@ -509,6 +660,7 @@ def _check_header(path: Path, header: dict | None, fingerprint: dict) -> None:
         _append(path, {"settings": fingerprint})
         return
     stored = json.loads(json.dumps(fingerprint))
+    header = {"protocol": "default", **header}  # results written before protocols existed
     diff = sorted(k for k in set(header) | set(stored) if header.get(k) != stored.get(k))
     if diff:
         what = ", ".join(f"{k}: {header.get(k)!r} there vs {stored.get(k)!r} now" for k in diff)
@@ -535,17 +687,23 @@ def evaluate(model, dataset, out_dir: str | Path, cfg: EvalConfig, *, checkpoint
 
 def _evaluate(model, dataset, out: Path, cfg: EvalConfig, *, checkpoint: dict | None, quiet: bool) -> dict:
     model.eval()
+    cfg.check(model)
     dev = next(model.parameters()).device
     n_obj = len(dataset) if cfg.objects is None else min(cfg.objects, len(dataset))
     uncond = cfg.cond_views == 0
     lpips_net, lpips_status = (None, "not computed: unconditional evaluation") if uncond else load_lpips(cfg.lpips_weights, dev)
     fp = cfg.fingerprint(model, checkpoint or {}) | {"lpips": lpips_net is not None}
+    if cfg.paper:
+        fp["protocol_views"] = protocol_views(dataset)
+        if getattr(dataset, "paper_views", None) is not None:
+            for j in range(n_obj):  # every object has the protocol's views (listing files only), before anything is written
+                _paper_plan(dataset, j)
     header, rows = read_results(out / RESULTS)
     _check_header(out / RESULTS, header, fp)
     features = RandomConvFeatures().to(dev) if uncond else None
     todo = [i for i in range(n_obj) if i not in rows]
-    gallery = build_gallery(dataset, n_obj, cfg.cond_views, model.background(1, dev)[0], dev) if todo and not uncond else None
-    with Progress("eval", n_obj, unit="objects", done=n_obj - len(todo), quiet=quiet or not todo) as bar:
+    gallery = build_gallery(dataset, n_obj, cfg, model, model.background(1, dev)[0], dev) if todo and not uncond else None
+    with _protocol_sampler(model, cfg), Progress("eval", n_obj, unit="objects", done=n_obj - len(todo), quiet=quiet or not todo) as bar:
         for i in todo:
             row = evaluate_object(model, dataset, i, cfg, features=features, lpips_net=lpips_net, gallery=gallery)
             if "_features" in row:
@@ -669,6 +827,14 @@ FIDELITY_NOTE = (
     "(mean over samples), spread = RMS over objects of its deviation from the mean colour (first sample; a model that "
     "paints every object alike has spread near 0; spread_ratio = predicted / true)"
 )
+def protocol_note(settings: dict) -> str:
+    """One line saying what ``--protocol paper`` did (from metrics.json settings)."""
+    pv = settings["protocol_views"]
+    return (f"paper: 1 clean view ({pv['clean'][0]}) + {len(pv['noisy'])} noisy views ({', '.join(map(str, pv['noisy']))}), "
+            f"{pv['numbering']}; scored: {pv['scored']}; source view: {pv['source_view']}; {settings['sampler']}, "
+            f"{settings['steps']} steps, guidance {settings['guidance']}, {settings['samples']} samples per object")
+
+
 BEST_OF_NOTE = "best of n = per object, the sample among the first n with the highest PSNR averaged over its target views"
 
 
@@ -685,6 +851,8 @@ def summarize(rows: list[dict], fingerprint: dict, lpips_status: str, out: Path)
         summary["notes"] = {"best_of": BEST_OF_NOTE, "averaged_sample": "metrics of the pixel mean of the samples' renders",
                             "diversity": "mean over sample pairs of squared pixel distance on the target views (psnr from it)",
                             "fidelity": FIDELITY_NOTE}
+        if fingerprint.get("protocol") == "paper":
+            summary["notes"]["protocol"] = protocol_note(fingerprint)
         if "ambiguous" in summary["groups"]:
             summary["notes"]["ambiguous"] = AMBIGUITY_NOTE
         else:
@@ -792,6 +960,10 @@ def write_outputs(out: Path, summary: dict, rows: list[dict]) -> None:
         w.writerows(flat)
     parts = [f"# Evaluation ({summary['kind']}, split {summary['settings']['split']}, {summary['objects']} objects)", "",
              f"LPIPS: {summary['lpips']}", ""]
+    if summary["settings"].get("protocol") == "paper":
+        st = summary["settings"]
+        parts += ["## Settings", ""] + [f"- {k}: {json.dumps(st[k])}" for k in
+                                         ("protocol", "protocol_views", "steps", "sampler", "guidance", "samples", "cond_views", "seed") if k in st] + [""]
     parts += [f"- {k}: {v}" for k, v in summary["notes"].items()] + [""]
     for title, header, trows in summary_table(summary):
         parts += [f"## {title}", "", markdown_table(header, trows), ""]
@@ -801,12 +973,13 @@ def write_outputs(out: Path, summary: dict, rows: list[dict]) -> None:
 
 
 # ---- entry point ---------------------------------------------------------------------------
-def default_out_dir(checkpoint: Path, split: str, cond_views: int) -> Path:
+def default_out_dir(checkpoint: Path, split: str, cond_views: int, protocol: str = "default") -> Path:
     path = Path(checkpoint)
+    tail = "paper" if protocol == "paper" else f"cond{cond_views}"
     if path.suffix == ".safetensors" and path.name == "model.safetensors":  # a shipped model
-        return Path("runs") / "eval" / f"{path.parent.name}_{split}_cond{cond_views}"
+        return Path("runs") / "eval" / f"{path.parent.name}_{split}_{tail}"
     run = path if path.is_dir() else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
-    return run / f"eval_{split}_cond{cond_views}"
+    return run / f"eval_{split}_{tail}"
 
 
 def run_eval(checkpoint: str | Path, cfg: EvalConfig, out_dir: str | Path | None = None, *, device: str = "auto", quiet: bool = False) -> tuple[dict, Path]:
@@ -822,8 +995,12 @@ def run_eval(checkpoint: str | Path, cfg: EvalConfig, out_dir: str | Path | None
     model = model.to(select_device(device if device != "auto" else recipe.device)).eval()
     try:
         dataset = recipe.data.build(split=cfg.split)
+        views = getattr(recipe.data.settings, "views", None)
+        if cfg.paper and getattr(dataset, "paper_views", None) is None and views is not None and views < PAPER_VIEWSET:
+            # the protocol's viewset needs 4 views of each item: view 0 clean, views 1, 2, 3 noisy
+            dataset = recipe.data.cls(recipe.data.settings.model_copy(update={"views": PAPER_VIEWSET}), split=cfg.split)
     except ValueError as exc:
         raise VsdError(f"cannot build the {cfg.split!r} split of {recipe.data.type}: {exc}") from None
-    out = Path(out_dir) if out_dir else default_out_dir(Path(checkpoint), cfg.split, cfg.cond_views)
+    out = Path(out_dir) if out_dir else default_out_dir(Path(checkpoint), cfg.split, cfg.cond_views, cfg.protocol)
     meta = {"path": str(Path(state["path"]).resolve()), "step": int(state["step"])}
     return evaluate(model, dataset, out, cfg, checkpoint=meta, quiet=quiet), out

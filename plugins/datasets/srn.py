@@ -30,6 +30,7 @@ from ...core.contracts import SceneInfo, ViewsetDataset
 from .srn_checks import check_image_size, read_intrinsics_file, read_pose_file, unreadable_image, view_files
 
 SRN_TEST_SOURCE_VIEW = 64  # the conditioning view of every test object in the published protocol
+SRN_TEST_NOISY_VIEWS = (90, 104, 120)  # the published evaluation's 3 noisy views (1 clean + 3 noisy)
 _BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
 # RGB files carry no alpha: a pixel belongs to the object when a channel differs from the
 # background by more than this (a little above PNG rounding).
@@ -160,6 +161,9 @@ class SRNDataset(ViewsetDataset):
             if near is not None and not v > near:
                 raise ValueError(f"must exceed data.near ({near}), got {v}")
             return v
+
+    # (clean view, noisy views) of the published evaluation, as view positions (`vsd-run eval --protocol paper`)
+    paper_views = (SRN_TEST_SOURCE_VIEW, SRN_TEST_NOISY_VIEWS)
 
     def __init__(self, settings: "SRNDataset.Settings", *, split: str = "train"):
         super().__init__(settings, split=split)
