@@ -72,7 +72,9 @@ def main() -> None:
         print(json.dumps(out[-1], indent=2), flush=True)
     path = ROOT / "benchmarks" / "results" / "model_cards.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    # the cards of models not made this time stay as they were
+    kept = [c for c in (json.loads(path.read_text()) if path.is_file() else []) if c["name"] not in {c["name"] for c in out}]
+    path.write_text(json.dumps(sorted(kept + out, key=lambda c: c["name"]), indent=2))
 
 
 if __name__ == "__main__":
