@@ -31,6 +31,7 @@ PYTHON_SECTIONS = ("Using it",)
 # recipe (so that `export` finds a surface and samples are not noise), with small sampling.
 TRAIN_FAST = [
     "train.init_from=minens-voxel",
+    "encoder.pass_both=true",  # as the shipped minens-voxel
     "train.lr=1e-6",
     "train.steps=2",
     "train.batch_size=2",
@@ -51,6 +52,7 @@ FAST = {  # vsd-run subcommand -> appended arguments
     "report": [],
     "models": [],
     "plugins": [],
+    "import": [],
 }
 PY_FAST = {  # text in a README python block -> what runs instead
     "num_samples=4)": "num_samples=1, steps=2)",
@@ -95,10 +97,20 @@ def readme_commands() -> list[tuple[str, str, str | None]]:
     return [(s, cmd, wrote) for s in RUN_SECTIONS for b in blocks(text[s], "bash") for cmd, wrote in commands(b)]
 
 
+ORIGINAL_EXPERIMENT = "path/to/srn_cars_experiment"  # the README's released experiment: a tiny one is made there
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
+    import json
+
+    from paper_fixtures import original_state, read, write_original_experiment
+
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VSD_MODELS_DIR", str(tmp_path / "models"))
+    config = json.loads(read("paper_sampling_parity.safetensors")[0]["config"])
+    write_original_experiment(tmp_path / ORIGINAL_EXPERIMENT, config, original_state(*read("paper_model_parity.safetensors")))
     return tmp_path
 
 
