@@ -210,6 +210,8 @@ def test_shipped_recipes_are_estimated_well_within_a_small_machine(name):
     if _needs_missing_plugin(name):
         pytest.skip("plugin not installed")
     recipe = load_recipe(name)
+    if recipe.is_paper:
+        pytest.skip("the released network's memory is not modelled (core/budget.py: check_budget passes paper recipes)")
     for estimate in (estimate_training(recipe), estimate_sampling(recipe)):
         assert 0 < estimate.total < 6 * 2**30, (estimate.what, estimate.total / 2**30)
 
