@@ -124,15 +124,20 @@ def import_experiment(folder: str | Path, name: str):
     return model.eval(), state
 
 
-def import_to_models(folder: str | Path, name: str, root: Path | None = None) -> Path:
+def import_to_models(folder: str | Path, name: str, root: Path | None = None, overwrite: bool = False) -> Path:
     """Import a released experiment as ``root/name/model.safetensors`` (default root:
-    :func:`models_dir`) and return that path."""
+    :func:`models_dir`) and return that path; an existing model of that name is kept unless
+    ``overwrite``."""
     from ..core.weights import save_weights
 
     if not name or not all(c.isalnum() or c in "._-" for c in name) or name[0] in ".-":
         raise OriginalCheckpointError(f"model name {name!r}: use letters, digits, '.', '_' and '-', not starting with '.' or '-'")
+    path = Path(root or models_dir()) / name / "model.safetensors"
+    if path.exists() and not overwrite:
+        raise OriginalCheckpointError(f"{path} already exists: a model named {name!r} was imported before; "
+                                      "choose another name, or pass --overwrite to replace it")
     _, state = import_experiment(folder, name)
-    return save_weights(Path(root or models_dir()) / name / "model.safetensors", state, state["recipe"])
+    return save_weights(path, state, state["recipe"])
 
 
 __all__ = ["import_experiment", "import_to_models", "is_original_experiment", "models_dir", "original_recipe", "scene_info"]

@@ -180,6 +180,12 @@ def test_import_then_sample_matches_the_original_code(original_experiment, tmp_p
     written = tmp_path / "models" / "tiny-cars" / "model.safetensors"
     assert written.is_file() and "tiny-cars" in capsys.readouterr().out
     assert main(["models"]) == 0 and "tiny-cars  (imported, step 1234" in capsys.readouterr().out
+    # a second import under the same name keeps the first unless told to replace it
+    before = written.read_bytes()
+    assert main(["import", str(original_experiment), "tiny-cars"]) == 2
+    assert "already exists" in capsys.readouterr().err and written.read_bytes() == before
+    assert main(["import", str(original_experiment), "tiny-cars", "--overwrite"]) == 0
+    capsys.readouterr()
     model = load_model("tiny-cars", device="cpu")
     assert isinstance(model, PaperViewsetDiffusion) and model.recipe.diffusion.sampling_steps == 5
     # the original's ddim_sample outputs for these weights (tests/test_paper_sampling.py)
