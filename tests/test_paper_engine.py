@@ -128,7 +128,7 @@ def test_scene_field_matches_the_volumes(fixture_model):
     model, _, tensors = fixture_model
     g = torch.Generator().manual_seed(1)
     density, color = torch.randn(2, 1, 8, 8, 8, generator=g) * 3, torch.randn(2, 3, 8, 8, 8, generator=g)
-    scene = PaperScene(density, color, model)
+    scene = model.scene(density, color)
     assert scene.bound == pytest.approx(0.5 * 7 / 8)  # the half-size of the outermost voxel centres along y
     # a voxel centre of the rendered grid: its raw values, activated
     half = model.paper_config.volume.half_size(8)

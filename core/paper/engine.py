@@ -18,6 +18,7 @@ from ..engine import Prediction, ViewsetDiffusion
 from ..errors import RecipeError
 from ..recipe import Recipe
 from ..schedule import NoiseSchedule
+from .geometry import PaperVolume
 from .model import PaperDenoiser
 from .recipe import paper_settings
 from .render import DENSITY_SHIFT, color_activation, inside_volume, render_paper, sample_volume
@@ -30,19 +31,14 @@ class PaperScene(Field):
     ``softplus(raw * gain - 6)`` and colour ``sigmoid(raw) * 1.002 - 0.001`` as the renderer
     activates them; zero density outside the scene box."""
 
-    def __init__(self, density: Tensor, color: Tensor, model: "PaperViewsetDiffusion"):
-        self.density, self.color = density, color
-        config = model.paper_config
-        self.volume, self.gain = config.volume, config.render.gain
+    def __init__(self, density: Tensor, color: Tensor, volume: PaperVolume, gain: float):
+        self.density, self.color, self.volume, self.gain = density, color, volume, gain
         side = density.shape[-1]
-        self.bound = float((self.volume.half_size(side) + torch.tensor(self.volume.offsets).abs()).max())
+        self.bound = float((volume.half_size(side) + torch.tensor(volume.offsets).abs()).max())
         self.batch_size, self.device = density.shape[0], density.device
 
     def __getitem__(self, index: int) -> "PaperScene":
-        one = object.__new__(PaperScene)
-        one.__dict__.update(self.__dict__)
-        one.density, one.color, one.batch_size = self.density[index : index + 1], self.color[index : index + 1], 1
-        return one
+        return PaperScene(self.density[index : index + 1], self.color[index : index + 1], self.volume, self.gain)
 
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
         local = self.volume.to_local(points, self.density.shape[-1])
@@ -71,6 +67,9 @@ class PaperViewsetDiffusion(ViewsetDiffusion):
         d = recipe.diffusion
         self.schedule = NoiseSchedule(kind=d.schedule, num_train_timesteps=d.timesteps)
 
+    def scene(self, density: Tensor, color: Tensor) -> PaperScene:
+        return PaperScene(density, color, self.paper_config.volume, self.paper_config.render.gain)
+
     def background(self, batch: int, device) -> Tensor:
         """The original's background (white for SRN and Minens, CO3D's ``data.white_background``)."""
         return torch.full((batch, 3), float(self.paper_config.background), device=device)
@@ -80,11 +79,10 @@ class PaperViewsetDiffusion(ViewsetDiffusion):
 
     def predict(self, images: Tensor, cameras: Cameras, timesteps: Tensor, self_cond: Tensor | None,
                 render_cameras: Cameras | None = None, background: Tensor | None = None) -> Prediction:
+        # (without self-conditioning the network has no channel for it; a missing input is zeros)
         sc = self_cond if self.paper_config.self_condition else None
-        if self.paper_config.self_condition and sc is None:
-            sc = torch.zeros_like(images)
         density, color = self.denoiser.reconstruct(images, cameras, timesteps, sc)
-        scene = PaperScene(density, color, self)
+        scene = self.scene(density, color)
         out = self.render(scene, cameras if render_cameras is None else render_cameras, background)
         return Prediction(out["rgb"] * 2 - 1, out, scene, torch.cat([density, color], 1))
 
@@ -95,9 +93,6 @@ class PaperViewsetDiffusion(ViewsetDiffusion):
         r = render_paper(scene.density, scene.color, self.denoiser.paper_cameras(cameras), c.volume, c.render,
                          cameras.height, background=bg[:, None, :, None, None], training=self.training)
         return {"rgb": (r.rgb + 1) / 2, "opacity": r.opacity, "depth": r.depth}
-
-    def fit_to_views(self, *args, **kwargs):
-        raise ValueError("a paper model samples with the original's loop, which does not fit the volume to its input views")
 
     @torch.no_grad()
     def sample(self, cameras: Cameras, cond_images: Tensor | None = None, *, steps: int | None = None,
@@ -115,7 +110,7 @@ class PaperViewsetDiffusion(ViewsetDiffusion):
         w = d.guidance if guidance is None else guidance
         out = sample_paper(self.denoiser, cond_images, cameras, n, w, generator, diffusion=diffusion,
                            original_render_order=False, progress=progress)
-        scene = PaperScene(out.density, out.color, self)
+        scene = self.scene(out.density, out.color)
         return Prediction(out.renders, {"rgb": (out.renders + 1) / 2}, scene, torch.cat([out.density, out.color], 1))
 
 
