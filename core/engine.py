@@ -144,6 +144,8 @@ class ViewsetDiffusion(nn.Module):
         bg = draw.rand(3) if (self.info.background == "random" and self.training) else self.background(B, dev)
         if tr.colour_augment > 0:
             batch = self._rotate_hues(batch, draw, tr.colour_augment)
+        if tr.mirror_augment > 0:
+            batch = self._mirror(batch, draw, tr.mirror_augment, "xyz".index(tr.mirror_axis))
         target = self._composite(batch, bg)
         x0 = target[:, :V]
         probs = torch.tensor(tr.cond_probs, dtype=torch.float)
@@ -237,6 +239,29 @@ class ViewsetDiffusion(nn.Module):
         rot = c * torch.eye(3, device=angle.device) + s * cross + (1 - c) * torch.outer(axis, axis)  # (B, 3, 3), Rodrigues
         images = torch.einsum("bij,bvjhw->bvihw", rot.to(batch.images.dtype), batch.images).clamp(-1, 1)
         return dataclasses.replace(batch, images=images)
+
+    @staticmethod
+    def _mirror(batch: Viewset, draw: "_Draws", prob: float, axis: int) -> Viewset:
+        """With probability ``prob`` per viewset, mirror it (train.mirror_augment): every image
+        flipped left-right, and every camera reflected through the world plane normal to ``axis``
+        with its own x axis negated (so it stays a rotation) and its principal point mirrored.
+        The pixel a mirrored camera sees at column u is what the original saw at column W - u of
+        the reflected world, so the result is a consistent viewset of the mirrored object; with the
+        plane a class is symmetric about, mirrored objects keep the canonical pose."""
+        on = draw.rand(1)[:, 0] < prob  # (B,)
+        cams = batch.cameras
+        reflect = torch.ones(4, device=cams.c2w.device, dtype=cams.c2w.dtype)
+        reflect[axis] = -1
+        flip_x = torch.ones_like(reflect)
+        flip_x[0] = -1
+        c2w = reflect[:, None] * cams.c2w * flip_x  # diag(reflect) @ c2w @ diag(flip_x)
+        K = torch.cat([cams.K[..., :2], cams.width - cams.K[..., 2:3], cams.K[..., 3:]], -1)
+        sel = lambda x: on.view(-1, *[1] * (x.dim() - 1))  # noqa: E731
+        mirrored = dataclasses.replace(
+            cams, c2w=torch.where(sel(c2w), c2w, cams.c2w), K=torch.where(sel(K), K, cams.K)
+        )
+        flip = lambda x: None if x is None else torch.where(sel(x), x.flip(-1), x)  # noqa: E731
+        return dataclasses.replace(batch, images=flip(batch.images), masks=flip(batch.masks), cameras=mirrored)
 
     @staticmethod
     def _composite(batch: Viewset, bg: Tensor) -> Tensor:

@@ -52,6 +52,14 @@ class TrainSettings(Settings):
         0.0, ge=0, le=1,
         description="probability per training viewset of rotating all its views' colours by one random angle about the grey axis",
     )
+    mirror_augment: float = Field(
+        0.0, ge=0, le=1,
+        description="probability per training viewset of mirroring it: every view flipped left-right and every camera "
+        "reflected through the world plane normal to train.mirror_axis (a consistent viewset of the mirrored object)",
+    )
+    mirror_axis: Literal["x", "y", "z"] = Field(
+        "y", description="the world axis normal to the plane the objects are symmetric about (TORCS cars: y; front +x, z up)"
+    )
     clean_weight: float = Field(1.0, ge=0, description="loss weight of the clean input views (1: their weight at t = 0)")
     own_views_prob: float = Field(
         0.0, ge=0, le=1,
